@@ -1,0 +1,12 @@
+// Python module stub for cropformer._C. Every op registers itself with TORCH_LIBRARY_FRAGMENT
+// (namespace cropformer_C) in its own source file, so importing this module makes
+// torch.ops.cropformer_C.* available; nothing here needs editing when an op is added.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,62 @@
+"""Shared test helpers: reference-data location, device skips, verbose comparisons."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/reference next to the checkout (CI lays shared/ beside the clone); override by env.
+REFERENCE = Path(os.environ.get("CROPFORMER_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def reference_dir(name: str) -> Path:
+    """Path of a reference folder, or skip the test with the reason."""
+    path = REFERENCE / name
+    if not path.is_dir():
+        pytest.skip(f"reference data {path} not present (set CROPFORMER_REFERENCE)")
+    return path
+
+
+def load_reference(name: str, file: str) -> dict:
+    return torch.load(reference_dir(name) / file, map_location="cpu", weights_only=True)
+
+
+def cuda_or_skip() -> torch.device:
+    """Call inside a test (never at import): skip cleanly without a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-5, name="tensor"):
+    """torch.testing.assert_close with the worst indices and values in the message."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    err = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    bad = ~(err <= tol)
+    if bad.any():
+        idx = torch.nonzero(bad)[:5].tolist()
+        worst = err.flatten().argmax().item()
+        wi = list(torch.unravel_index(torch.tensor(worst), err.shape)) if err.dim() else []
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (rtol={rtol}, atol={atol}); "
+            f"max abs err {err.max().item():.3e} at {[int(i) for i in wi]} "
+            f"(actual {a.flatten()[worst].item():.6g}, expected {e.flatten()[worst].item():.6g}); "
+            f"first bad indices {idx}"
+        )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a freshly allocated output with NaN so a kernel that skips an element is caught."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-12345)
+    return t
