@@ -60,3 +60,13 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     else:
         t.fill_(-12345)
     return t
+
+
+def pytest_configure(config):
+    # Development aid: CROPFORMER_JIT_OPS=ms_deform_attn,paste compiles those csrc/ folders with the
+    # JIT loader instead of needing `setup.py build_ext` (the built extension is used when present).
+    ops = [o for o in os.environ.get("CROPFORMER_JIT_OPS", "").split(",") if o]
+    if ops:
+        from cropformer.ops._dispatch import jit_load
+
+        jit_load(ops, cuda=os.environ.get("CROPFORMER_JIT_CUDA", "0") == "1")

@@ -34,16 +34,53 @@ def compiled_extension():
 
 
 def has_compiled_op(name: str) -> bool:
-    """True when `torch.ops.cropformer_C.<name>` exists (extension built with that op)."""
-    if compiled_extension() is None:
+    """True when `torch.ops.cropformer_C.<name>` exists (the extension, or a `jit_load`, registered it)."""
+    compiled_extension()
+    try:
+        getattr(torch.ops.cropformer_C, name)
+    except (AttributeError, RuntimeError):
         return False
-    return hasattr(torch.ops.cropformer_C, name)
+    return True
 
 
 def has_cuda_kernels() -> bool:
-    """True when the compiled extension was built with its CUDA sources."""
+    """True when the compiled kernels include their CUDA sources."""
     ext = compiled_extension()
-    return ext is not None and bool(getattr(ext, "WITH_CUDA", False))
+    return (ext is not None and bool(getattr(ext, "WITH_CUDA", False))) or _jit_cuda
+
+
+_jit_cuda = False
+
+
+def jit_load(ops: Sequence[str], cuda: bool = False, verbose: bool = False) -> None:
+    """Development aid: compile `csrc/<op>/` for the named ops with torch's JIT loader into a private
+    build folder and register them, without `setup.py` (used by tests when CROPFORMER_JIT_OPS is set).
+    """
+    global _jit_cuda
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    sources = [str(csrc / "module.cpp")]
+    for op in ops:
+        sources += sorted(str(p) for p in (csrc / op).glob("*.cpp"))
+        if cuda:
+            sources += sorted(str(p) for p in (csrc / op).glob("*.cu"))
+    name = "cropformer_jit_" + "_".join(sorted(ops)) + ("_cuda" if cuda else "")
+    build = Path(os.environ.get("TMPDIR", "/tmp")) / "cropformer_jit" / name
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_include_paths=[str(csrc)],
+        extra_cflags=["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if cuda else []),
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-DWITH_CUDA"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=verbose,
+    )
+    _jit_cuda = _jit_cuda or cuda
 
 
 @functools.lru_cache(maxsize=None)
