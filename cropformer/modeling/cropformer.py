@@ -1,0 +1,105 @@
+"""The two meta-architectures: CropFormer (T views through image decoder, association module and batch
+decoder) and the Mask2Former entity baseline (one view, image decoder only).
+
+The top model receives built submodules (segment-anything style); `cropformer.modeling.build` makes
+them from a config.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch_decoder import BatchDecoder
+
+
+class CropFormer(nn.Module):
+    """Image encoder -> pixel decoder -> image decoder (per view) [-> association -> batch decoder].
+
+    Args:
+        image_encoder: backbone returning res2..res5; has `.out_channels` and `.strides`.
+        pixel_decoder: returns (mask_features, [stride 32, 16, 8] features).
+        image_decoder: masked-attention decoder, run on every view independently.
+        association: association module, or None for the Mask2Former baseline (no batch decoder).
+        pixel_mean, pixel_std: RGB normalisation on 0-255 values.
+        size_divisibility: inputs are padded to a multiple of this (the backbone's largest stride).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        pixel_decoder: nn.Module,
+        image_decoder: nn.Module,
+        association: nn.Module | None,
+        pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
+        size_divisibility: int = 32,
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.pixel_decoder = pixel_decoder
+        self.image_decoder = image_decoder
+        self.association = association
+        # Same weights as the image decoder; holds no parameters of its own.
+        self.batch_decoder = BatchDecoder(image_decoder) if association is not None else None
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def is_cropformer(self) -> bool:
+        return self.association is not None
+
+    def preprocess(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """B x T x 3 x H x W (uint8 or float, RGB 0-255) -> (B*T) x 3 x Hp x Wp normalised, zero padded.
+
+        Padding is zero AFTER normalisation, as the original's ImageList.from_tensors does; pixels outside
+        each view's `image_sizes` (B x T x 2, rows/cols) are zeroed too.
+        """
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be B x T x 3 x H x W, got shape {tuple(images.shape)}")
+        if images.dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"images must be uint8 or floating point RGB 0-255, got {images.dtype}")
+        B, T, _, H, W = images.shape
+        stride = self.size_divisibility
+        if H < stride or W < stride:
+            raise ValueError(f"image of {H}x{W} is smaller than the model's stride {stride}; resize it first")
+        Hp, Wp = -(-H // stride) * stride, -(-W // stride) * stride
+        x = images.reshape(B * T, 3, H, W).to(self.pixel_mean.device, torch.float32)
+        x = (x - self.pixel_mean) / self.pixel_std
+        if image_sizes is not None:
+            sizes = image_sizes.reshape(B * T, 2).tolist()
+            valid = torch.zeros(B * T, 1, H, W, dtype=torch.bool, device=x.device)
+            for i, (h, w) in enumerate(sizes):
+                valid[i, :, : int(h), : int(w)] = True
+            x = x * valid
+        if (Hp, Wp) != (H, W):
+            x = nn.functional.pad(x, (0, Wp - W, 0, Hp - H))
+        return x
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None, run_batch_decoder: bool = True) -> dict:
+        """Run every view through the network.
+
+        Args:
+            images: B x T x 3 x H x W RGB 0-255 (T = 1 for the Mask2Former baseline).
+            image_sizes: B x T x 2 valid size of each view (padding zeroed after normalisation).
+            run_batch_decoder: CropFormer only; False skips association + batch decoder.
+
+        Returns a dict with
+            "image": image-decoder outputs over the B*T views (pred_logits (B*T) x Q x 2,
+                     pred_masks (B*T) x Q x H/4 x W/4, aux_outputs, query_features)
+            "batch": (CropFormer) batch-decoder outputs (pred_logits B x Q x 2,
+                     pred_masks B x Q x T x H/4 x W/4, aux_outputs), and "association": B x Q x C.
+        """
+        B, T = images.shape[:2]
+        x = self.preprocess(images, image_sizes)
+        features = self.image_encoder(x)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        image_out = self.image_decoder(multi_scale, mask_features)
+        out = {"image": image_out}
+        if self.is_cropformer and run_batch_decoder:
+            query_features = image_out["query_features"].reshape(B, T, *image_out["query_features"].shape[1:])
+            init_queries = self.association(query_features, self.image_decoder.query_embed.weight)
+            out["association"] = init_queries
+            out["batch"] = self.batch_decoder(multi_scale, mask_features, init_queries, T)
+        return out

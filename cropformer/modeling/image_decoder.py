@@ -1,0 +1,314 @@
+"""Image decoder: the Mask2Former masked-attention transformer decoder, run on every view.
+
+Parameter names follow the original (`sem_seg_head.predictor.*` minus `make_3d`), so a released
+checkpoint loads by prefix renaming alone. The layer classes (`CrossAttentionLayer`,
+`SelfAttentionLayer`, `FFNLayer`) and `MLP` are reused by the association module, and the decoding
+loop (`ImageDecoder.decode`) is reused with the same weights by the batch decoder.
+
+Layout: everything is batch-first here (B x Q x C queries, B x K x C memory); the original is
+sequence-first, which changes no arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.masked_attention import masked_cross_attention
+from .position_encoding import PositionEmbeddingSine
+
+
+def _xavier_reset(module: nn.Module) -> None:
+    """xavier_uniform on every parameter with dim > 1, as each of the original's layers does at init."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend to a memory (masked when `mask_logits` is given), residual, LayerNorm.
+
+    The `nn.MultiheadAttention` module is kept for its parameter names (`multihead_attn.in_proj_weight`
+    ...), but its forward is not used: q, k, v are projected with its weights and the attention runs
+    through `cropformer.ops.masked_cross_attention`, so the fast kernels apply.
+
+    Args:
+        d_model: C, query and memory width.
+        nhead: number of heads (C must be divisible by it).
+        normalize_before: pre-norm instead of the default post-norm.
+    """
+
+    def __init__(self, d_model: int, nhead: int, normalize_before: bool = False):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+        _xavier_reset(self)
+
+    def attend(self, query, key, value, mask_logits=None, backend="auto"):
+        """Multi-head attention with the module's weights.
+
+        Args:
+            query: B x Q x C; key, value: B x K x C (or broadcastable over B).
+            mask_logits: optional B x Q x K; key j is blocked for query i where it is < 0, rows with
+                every key blocked are fully opened (see `masked_cross_attention_ref`).
+            backend: attention backend of `masked_cross_attention`.
+        Returns:
+            B x Q x C (after the output projection).
+        """
+        mha = self.multihead_attn
+        heads = mha.num_heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+
+        def split(x):  # B x L x C -> B x H x L x D
+            return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        q = split(F.linear(query, w_q, b_q))
+        k = split(F.linear(key, w_k, b_k))
+        v = split(F.linear(value, w_v, b_v))
+        if mask_logits is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = masked_cross_attention(q, k, v, mask_logits, backend=backend)
+        return mha.out_proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, tgt, memory, mask_logits=None, pos=None, query_pos=None, backend="auto"):
+        """
+        Args:
+            tgt: B x Q x C queries; memory: B x K x C.
+            mask_logits: optional B x Q x K attention-mask logits (detached by the caller).
+            pos: positional encoding added to the keys (B x K x C or broadcastable); query_pos: to the
+                queries (B x Q x C or Q x C). Values get no position.
+            backend: attention backend (see `cropformer.ops.masked_cross_attention`).
+        Returns:
+            B x Q x C.
+        """
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.attend(_with_pos(x, query_pos), _with_pos(memory, pos), memory, mask_logits, backend)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Queries attend to each other (no mask), residual, LayerNorm; the position goes into q and k only."""
+
+    def __init__(self, d_model: int, nhead: int, normalize_before: bool = False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+        _xavier_reset(self)
+
+    def forward(self, tgt, query_pos=None):
+        """tgt: B x Q x C; query_pos: optional B x Q x C or Q x C. Returns B x Q x C."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        qk = _with_pos(x, query_pos)
+        tgt = tgt + self.self_attn(qk, qk, x, need_weights=False)[0]
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class FFNLayer(nn.Module):
+    """Linear -> ReLU -> Linear, residual, LayerNorm."""
+
+    def __init__(self, d_model: int, dim_feedforward: int = 2048, normalize_before: bool = False):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+        _xavier_reset(self)
+
+    def forward(self, tgt):
+        """tgt: B x Q x C. Returns B x Q x C."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.linear2(F.relu(self.linear1(x)))
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class MLP(nn.Module):
+    """`num_layers` Linear layers with ReLU between them (not after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class ImageDecoder(nn.Module):
+    """Mask2Former masked-attention decoder.
+
+    One prediction from the learnable queries, then `num_layers` layers; layer i attends to level
+    i % 3 of the multi-scale features (stride 32, 16, 8 in that order) through masked cross-attention
+    (mask = previous prediction resized to the level, detached; sigmoid < 0.5 blocks, fully blocked rows
+    are opened), then self-attention, then FFN. After each step: `decoder_norm`, `class_embed`, and mask
+    logits = mask_embed(queries) . mask_features.
+
+    Args:
+        in_channels: channels of the multi-scale features; a 1x1 conv projects them when it differs
+            from hidden_dim (identity, no parameters, otherwise; the original needs them equal).
+        hidden_dim: C, query width.
+        num_queries: Q.
+        nheads, dim_feedforward: attention heads and FFN width of every layer.
+        num_layers: transformer layers (the original's DEC_LAYERS - 1); predictions = num_layers + 1.
+        mask_dim: channels of the mask features.
+        num_classes: classes without the no-object class (1 for entity segmentation).
+        pre_norm: pre-norm layers instead of post-norm.
+        attn_backend: backend of `cropformer.ops.masked_cross_attention`; may be reassigned later.
+    """
+
+    num_feature_levels = 3
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        nheads: int = 8,
+        dim_feedforward: int = 2048,
+        num_layers: int = 9,
+        mask_dim: int = 256,
+        num_classes: int = 1,
+        pre_norm: bool = False,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        self.num_heads = nheads
+        self.num_layers = num_layers
+        self.attn_backend = attn_backend
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+
+        # Registration order = the original's state-dict order.
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(num_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(num_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm) for _ in range(num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim:
+                conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+                # detectron2's c2_xavier_fill
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+                self.input_proj.append(conv)
+            else:
+                self.input_proj.append(nn.Identity())
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    def level_memory(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """Memory tokens of one level: N x C_in x h x w -> N x (h*w) x C, projected, + level_embed."""
+        src = self.input_proj[level](x).flatten(2) + self.level_embed.weight[level][None, :, None]
+        return src.transpose(1, 2)
+
+    def prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor, attn_size):
+        """Class logits, mask logits and the next layer's attention-mask logits.
+
+        Args:
+            output: B x Q x C query features (before `decoder_norm`).
+            mask_features: B x mask_dim x H x W (one view per sample) or B x T x mask_dim x H x W
+                (batch decoder: the sample's T views).
+            attn_size: (h, w) of the level the next layer attends to.
+        Returns:
+            class logits B x Q x (num_classes+1); mask logits B x Q x H x W (or B x Q x T x H x W);
+            attention-mask logits B x Q x (h*w) (or B x Q x (T*h*w), view-major), detached.
+        """
+        decoder_output = self.decoder_norm(output)
+        outputs_class = self.class_embed(decoder_output)
+        mask_embed = self.mask_embed(decoder_output)
+        if mask_features.dim() == 4:
+            outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        else:
+            outputs_mask = torch.einsum("bqc,btchw->bqthw", mask_embed, mask_features)
+        B, Q = outputs_mask.shape[:2]
+        # Each (query, view) map is resized on its own: B x Q(*T) x H x W -> B x Q(*T) x h x w.
+        attn = F.interpolate(outputs_mask.detach().flatten(1, -3), size=tuple(attn_size), mode="bilinear",
+                             align_corners=False)
+        return outputs_class, outputs_mask, attn.reshape(B, Q, -1)
+
+    def decode(self, queries, memories, positions, sizes, mask_features):
+        """The decoding loop shared by the image and the batch decoder.
+
+        Args:
+            queries: B x Q x C initial query features.
+            memories: 3 tensors B x K_l x C (level l's tokens, `level_memory` layout).
+            positions: 3 tensors broadcastable to B x K_l x C (key positional encodings).
+            sizes: 3 (h, w), the sizes that K_l flattens (K_l = h*w, or T*h*w for the batch decoder).
+            mask_features: B x mask_dim x H x W, or B x T x mask_dim x H x W.
+        Returns:
+            (predictions, output): a list of num_layers + 1 (class logits, mask logits) pairs, and the
+            final B x Q x C query features before `decoder_norm`.
+        """
+        query_pos = self.query_embed.weight  # Q x C, broadcast over the batch
+        output = queries
+        logits, masks, attn = self.prediction_heads(output, mask_features, sizes[0])
+        predictions = [(logits, masks)]
+        for i in range(self.num_layers):
+            level = i % self.num_feature_levels
+            output = self.transformer_cross_attention_layers[i](
+                output, memories[level], mask_logits=attn, pos=positions[level], query_pos=query_pos,
+                backend=self.attn_backend,
+            )
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            logits, masks, attn = self.prediction_heads(
+                output, mask_features, sizes[(i + 1) % self.num_feature_levels]
+            )
+            predictions.append((logits, masks))
+        return predictions, output
+
+    def forward(self, multi_scale_features, mask_features):
+        """Decode every view independently.
+
+        Args:
+            multi_scale_features: 3 tensors N x C_in x h_l x w_l (strides 32, 16, 8).
+            mask_features: N x mask_dim x H x W.
+        Returns:
+            dict with pred_logits N x Q x (num_classes+1) and pred_masks N x Q x H x W (final
+            prediction), aux_outputs (predictions 0 .. num_layers-1 as dicts), and query_features
+            N x Q x C (final query features before `decoder_norm`, the association module's input).
+        """
+        if len(multi_scale_features) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(multi_scale_features)}")
+        N = mask_features.shape[0]
+        memories, positions, sizes = [], [], []
+        for level, x in enumerate(multi_scale_features):
+            sizes.append(x.shape[-2:])
+            memories.append(self.level_memory(level, x))
+            # The encoding is the same for every view (no padding mask): 1 x (h*w) x C.
+            positions.append(self.pe_layer(x[:1]).flatten(2).transpose(1, 2).to(x.dtype))
+        queries = self.query_feat.weight.unsqueeze(0).expand(N, -1, -1)
+        predictions, output = self.decode(queries, memories, positions, sizes, mask_features)
+        return make_output(predictions, query_features=output)
+
+
+def make_output(predictions, **extra) -> dict:
+    """Decoder output dict: the last prediction at top level, the earlier ones as aux_outputs."""
+    out = {
+        "pred_logits": predictions[-1][0],
+        "pred_masks": predictions[-1][1],
+        "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]],
+    }
+    out.update(extra)
+    return out
