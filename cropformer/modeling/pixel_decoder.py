@@ -160,7 +160,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
                 spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                 shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """src, pos: B x S x C -> B x S x C."""
+        """src: B x S x C, pos: B or 1 x S x C -> B x S x C."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, shapes)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
@@ -194,7 +194,7 @@ class MSDeformAttnEncoder(nn.Module):
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: torch.Tensor,
                 level_start_index: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """src, pos: B x S x C -> B x S x C."""
+        """src: B x S x C, pos: B or 1 x S x C -> B x S x C."""
         ref = self.reference_points(shapes, src.device)  # float32 even for low-precision src
         for layer in self.layers:
             src = layer(src, pos, ref, spatial_shapes, level_start_index, shapes)
@@ -234,7 +234,8 @@ class MSDeformAttnTransformer(nn.Module):
     def forward(self, srcs: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """
         Args:
-            srcs: L tensors B x C x h_l x w_l (coarsest first); pos_embeds: same shapes.
+            srcs: L tensors B x C x h_l x w_l (coarsest first); pos_embeds: L tensors 1 (broadcast over
+                the batch) or B x C x h_l x w_l.
         Returns:
             L tensors B x C x h_l x w_l, the encoder output per level.
         """
@@ -337,7 +338,7 @@ class PixelDecoder(nn.Module):
         for proj, k in zip(self.input_proj, self.deform_features):
             x = features[k]
             srcs.append(proj(x))
-            pos.append(self.pe_layer(x))
+            pos.append(self.pe_layer(x[:1]))  # no padding mask: the same for every image
         out = self.transformer(srcs, pos)
 
         for idx, k in enumerate(self.fpn_features):

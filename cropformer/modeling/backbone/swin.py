@@ -297,7 +297,7 @@ class SwinTransformer(nn.Module):
             raise ValueError("SwinTransformer needs 4 stages (res2..res5)")
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i in range(4):
             start = sum(depths[:i])

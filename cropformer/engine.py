@@ -1,0 +1,255 @@
+"""Training loop, readable top to bottom (DETR's engine style).
+
+`train(cfg, ...)` builds everything from the config, resumes when asked, and runs `train_one_iter` until
+`solver.max_iter`, writing metrics as JSON lines, a loss-curve PNG, atomic checkpoints and, at the end,
+exported weights. A NaN/Inf loss stops the run naming the iteration, the loss term and the last good
+checkpoint; nothing is saved after it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+from .checkpoint import (
+    export_weights,
+    load_model_weights,
+    load_training_checkpoint,
+    read_weights,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from .config import Config, from_dict, to_dict
+from .losses import build_criterion
+from .modeling.build import build_model
+from .progress import Progress
+from .solver import build_optimizer, build_scheduler, clip_grad_norm
+from .visualize import plot_curves
+
+logger = logging.getLogger("cropformer.train")
+
+
+# Loss terms drawn in loss_curve.png (the final-layer terms; all 24 are in metrics.jsonl).
+CURVE_KEYS = ("total_loss", "loss_ce_2d", "loss_mask_2d", "loss_dice_2d", "loss_ce_3d", "loss_mask_3d",
+              "loss_dice_3d", "loss_ce", "loss_mask", "loss_dice")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_settings(cfg: Config, device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """(enabled, dtype): bf16 where the GPU has it, fp16 (with a grad scaler) on older GPUs, off on CPU
+    (CPU autocast is slower than fp32 for this model)."""
+    if not cfg.solver.amp or device.type != "cuda":
+        return False, None
+    if cfg.solver.amp_dtype == "float16":
+        return True, torch.float16
+    if cfg.solver.amp_dtype == "bfloat16" or torch.cuda.is_bf16_supported():
+        return True, torch.bfloat16
+    return True, torch.float16
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    out["images"] = batch["images"].to(device, non_blocking=True)
+    out["image_sizes"] = batch["image_sizes"].to(device)
+    if "targets" in batch:
+        out["targets"] = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch["targets"]]
+    return out
+
+
+def train_one_iter(model, criterion, optimizer, scheduler, scaler, batch, cfg: Config, amp_dtype) -> dict:
+    """One optimisation step; returns the loss terms (floats), total, grad norm and lr."""
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with autocast:
+        outputs = model(batch["images"], batch["image_sizes"])
+    losses = criterion(outputs, batch["targets"])  # fp32 inside (autocast disabled there)
+    total = sum(losses.values())
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLossError(", ".join(bad))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    grad_norm = clip_grad_norm(model, cfg.solver.clip_value if cfg.solver.clip_gradients else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    return {"losses": values, "total_loss": float(total.detach()), "grad_norm": float(grad_norm), "lr": lr}
+
+
+def _checkpoint_payload(model, optimizer, scheduler, scaler, iteration: int, cfg: Config) -> dict:
+    rng = dist_utils.all_gather_objects(rng_state())  # every rank's RNG, so a resume is exact
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "iteration": iteration,
+        "rng": rng,
+        "world_size": dist_utils.get_world_size(),
+        "config": to_dict(cfg),
+    }
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    init_weights: str | None = None,
+    device: str | None = None,
+    evaluate_fn=None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train according to `cfg`; returns a summary dict.
+
+    Args:
+        resume: a training checkpoint to continue from (model, optimiser, schedule, RNG, position).
+        init_weights: initial weights (ours or an official checkpoint), loaded non-strictly with a report.
+        device: "cpu" / "cuda" (default: cuda when available).
+        evaluate_fn: called as evaluate_fn(model, iteration) at test.eval_period and at the end.
+        stop_after: stop (after checkpointing) once this iteration is reached, as if interrupted.
+    """
+    from .data import build_train_loader
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local_rank = dist_utils.init_distributed(dev.type)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+    out_dir = Path(cfg.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    model = build_model(cfg.model).to(dev)
+    if init_weights:
+        state, _ = read_weights(init_weights)
+        report = load_model_weights(model, state, source=init_weights, strict=False)
+        if rank == 0:
+            logger.info("initial weights %s: %d missing, %d unexpected keys (missing: %s)", init_weights,
+                        len(report["missing"]), len(report["unexpected"]), report["missing"][:8])
+    criterion = build_criterion(cfg)
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = build_scheduler(optimizer, cfg.solver)
+    amp_on, amp_dtype = amp_settings(cfg, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_on and amp_dtype == torch.float16 else None
+
+    start_iter = 0
+    last_ckpt = None
+    if resume:
+        ckpt = load_training_checkpoint(resume)
+        if ckpt.get("world_size", 1) != world:
+            raise RuntimeError(f"{resume}: saved with {ckpt.get('world_size')} processes, resuming with {world}")
+        saved_cfg = from_dict(ckpt["config"], f"{resume} (config)")
+        if to_dict(saved_cfg.model) != to_dict(cfg.model):
+            raise RuntimeError(f"{resume}: its model config differs from the requested one")
+        load_model_weights(model, ckpt["model"], source=resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_iter = ckpt["iteration"]
+        set_rng_state(ckpt["rng"][rank])
+        last_ckpt = resume
+    else:
+        seed_everything(cfg.seed + rank)  # per-rank streams for point sampling etc.
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    model.train()
+    loader = build_train_loader(cfg, rank=rank, world_size=world, start_iter=start_iter)
+    metrics_path = out_dir / "metrics.jsonl"
+    history = _read_history(metrics_path, start_iter) if rank == 0 else {}
+    progress = Progress(cfg.solver.max_iter, "train", start=start_iter, enabled=rank == 0)
+    end_iter = cfg.solver.max_iter if stop_after is None else min(stop_after, cfg.solver.max_iter)
+    t_data = time.perf_counter()
+    result = {}
+    for it, batch in zip(range(start_iter, end_iter), loader):
+        batch = move_batch(batch, dev)
+        data_time = time.perf_counter() - t_data
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            result = train_one_iter(net, criterion, optimizer, scheduler, scaler, batch, cfg, amp_dtype)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {it}: term(s) {exc}; last good checkpoint: {last_ckpt or 'none'}"
+            ) from None
+        iteration = it + 1
+        if rank == 0:
+            record = {"iteration": iteration, "total_loss": result["total_loss"], **result["losses"],
+                      "lr": result["lr"], "grad_norm": result["grad_norm"], "data_time": data_time,
+                      "time": time.perf_counter() - t_data}
+            if dev.type == "cuda":
+                record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key in CURVE_KEYS:
+                if key in record:
+                    history.setdefault(key, []).append((iteration, record[key]))
+            progress.update(1, loss=result["total_loss"], lr=result["lr"])
+            if iteration % cfg.log_period == 0 or iteration == end_iter:
+                plot_curves(history, out_dir / "loss_curve.png")
+        if iteration % cfg.solver.checkpoint_period == 0 or iteration == end_iter:
+            payload = _checkpoint_payload(model, optimizer, scheduler, scaler, iteration, cfg)
+            if rank == 0:
+                save_training_checkpoint(out_dir / "last_checkpoint.pth", payload)
+                last_ckpt = str(out_dir / "last_checkpoint.pth")
+            dist_utils.barrier()
+        if evaluate_fn is not None and cfg.test.eval_period and iteration % cfg.test.eval_period == 0 and iteration != cfg.solver.max_iter:
+            evaluate_fn(model, iteration)
+            model.train()
+        t_data = time.perf_counter()
+    progress.close()
+    finished = (result and end_iter == cfg.solver.max_iter) or start_iter >= cfg.solver.max_iter
+    summary = {"iterations": end_iter, "output_dir": str(out_dir), "last_checkpoint": last_ckpt, **({"final": result} if result else {})}
+    if finished and rank == 0:
+        export_weights(model, cfg, out_dir / "model_final.safetensors")
+        summary["weights"] = str(out_dir / "model_final.safetensors")
+    if finished and evaluate_fn is not None:
+        summary["eval"] = evaluate_fn(model, end_iter)
+    return summary
+
+
+def _read_history(path: Path, upto: int) -> dict:
+    """Loss history from an earlier run's metrics file (for the curve after a resume); truncates it to
+    `upto` so a resumed run does not duplicate iterations."""
+    history: dict = {}
+    if not path.exists():
+        return history
+    kept = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["iteration"] > upto:
+            continue
+        kept.append(line)
+        for k in CURVE_KEYS:
+            if k in rec:
+                history.setdefault(k, []).append((rec["iteration"], rec[k]))
+    path.write_text("".join(line + "\n" for line in kept))
+    return history

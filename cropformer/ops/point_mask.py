@@ -1,0 +1,367 @@
+"""Point-sampled mask matching costs and losses (Mask2Former / PointRend), one dispatch point each.
+
+Mask2Former never compares full-resolution masks: it samples predicted mask logits (1/4 of the
+input resolution) and ground-truth masks (input resolution) at the same normalised points with
+bilinear interpolation (`grid_sample`, align_corners=False, zero padding), then computes a sigmoid
+BCE and a dice term on the samples. The original code converts every ground-truth mask to float at
+full resolution before sampling (`targets["masks"].to(out_mask)`); here the ground truth is read
+straight from its compact bool/uint8 form by gathering the four bilinear neighbours of each point,
+so no float copy of the masks ever exists.
+
+Ops (each with a readable torch reference `<op>_ref`, the definition of correctness):
+
+- `point_mask_cost`: Q x N BCE and dice matching costs on one point set shared by all masks.
+- `point_mask_loss`: per-pair BCE and dice losses, each pair with its own points; backward to the
+  logits.
+- `sample_uncertain_points`: PointRend's importance sampling of the loss points.
+
+Point convention everywhere: (x, y) in [0, 1] of the padded frame; the bilinear sample of an
+h x w map at (x, y) reads pixel centres at ((i + 0.5) / w, (j + 0.5) / h) and counts pixels outside
+the map as 0, exactly as `point_sample(input, points, align_corners=False)`; points outside [0, 1]
+therefore sample towards 0 (zero padding), as grid_sample does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import has_compiled_op, resolve
+
+
+# --------------------------------------------------------------------------------------------------
+# bilinear sampling (shared by the references)
+
+
+def bilinear_taps(points: torch.Tensor, height: int, width: int):
+    """The four bilinear neighbours of each point, grid_sample style (align_corners=False, zeros).
+
+    Args:
+        points: ... x 2, (x, y) normalised to [0, 1] (any value is accepted: zero padding outside).
+        height, width: size of the sampled map.
+    Returns:
+        list of 4 (row ..., col ..., weight ...) in the order nw, ne, sw, se; rows/cols are int64
+        clamped into the map, the weight of a neighbour outside the map is 0. The arithmetic is
+        grid_sample's (grid = 2 * points - 1, then unnormalised), so results agree with
+        `point_sample` to the last bits.
+    """
+    grid = 2.0 * points - 1.0
+    ix = ((grid[..., 0] + 1) * width - 1) / 2
+    iy = ((grid[..., 1] + 1) * height - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    x1, y1 = x0 + 1, y0 + 1
+    corners = (
+        (y0, x0, (x1 - ix) * (y1 - iy)),
+        (y0, x1, (ix - x0) * (y1 - iy)),
+        (y1, x0, (x1 - ix) * (iy - y0)),
+        (y1, x1, (ix - x0) * (iy - y0)),
+    )
+    taps = []
+    for y, x, w in corners:
+        inside = (x >= 0) & (x <= width - 1) & (y >= 0) & (y <= height - 1)
+        taps.append((y.clamp(0, height - 1).long(), x.clamp(0, width - 1).long(), w * inside))
+    return taps
+
+
+def _sample_shared(maps: torch.Tensor, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bilinear samples of every map at one point set.
+
+    maps: ... x H x W (float logits, or bool/uint8 masks read without a float copy);
+    points: P x 2. Returns ... x P in `dtype`.
+    """
+    out = None
+    for y, x, w in bilinear_taps(points, maps.shape[-2], maps.shape[-1]):
+        v = maps[..., y, x].to(dtype) * w.to(dtype)  # ... x P, one neighbour at a time
+        out = v if out is None else out + v
+    return out
+
+
+def _sample_rows(maps: torch.Tensor, rows: torch.Tensor | None, points: torch.Tensor, dtype: torch.dtype):
+    """Bilinear samples of map `rows[m]` at its own points `points[m]`.
+
+    maps: K x H x W; rows: M int64 (None = arange(K)); points: M x P x 2. Returns M x P in `dtype`
+    (differentiable w.r.t. float `maps`).
+    """
+    if rows is None:
+        rows = torch.arange(maps.shape[0], device=maps.device)
+    rows = rows[:, None]  # M x 1, broadcast over the points
+    out = None
+    for y, x, w in bilinear_taps(points, maps.shape[-2], maps.shape[-1]):
+        v = maps[rows, y, x].to(dtype) * w.to(dtype)
+        out = v if out is None else out + v
+    return out
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # Losses and costs are computed in fp32 (autocast off), float64 only for float64 inputs.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _is_mask_dtype(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bool, torch.uint8) or t.is_floating_point()
+
+
+# --------------------------------------------------------------------------------------------------
+# point_mask_cost
+
+
+def _check_cost_inputs(pred_logits, gt_masks, points, gt_valid):
+    """Normalise to pred Q x T x h x w, gt N x T x H x W, valid N x T (or None); clear errors."""
+    if pred_logits.dim() not in (3, 4):
+        raise ValueError(f"point_mask_cost: pred_logits must be Q x h x w or Q x T x h x w, got {tuple(pred_logits.shape)}")
+    if gt_masks.dim() != pred_logits.dim():
+        raise ValueError(
+            f"point_mask_cost: gt_masks {tuple(gt_masks.shape)} must have the same number of dims as pred_logits "
+            f"{tuple(pred_logits.shape)} (N x H x W with Q x h x w, N x T x H x W with Q x T x h x w)"
+        )
+    if not pred_logits.is_floating_point():
+        raise TypeError(f"point_mask_cost: pred_logits must be floating point, got {pred_logits.dtype}")
+    if not _is_mask_dtype(gt_masks):
+        raise TypeError(f"point_mask_cost: gt_masks must be bool, uint8 or float, got {gt_masks.dtype}")
+    if points.dim() != 2 or points.shape[1] != 2:
+        raise ValueError(f"point_mask_cost: points must be P x 2 (x, y), got {tuple(points.shape)}")
+    if pred_logits.dim() == 3:
+        pred_logits, gt_masks = pred_logits[:, None], gt_masks[:, None]
+        if gt_valid is not None:
+            if gt_valid.dim() != 1:
+                raise ValueError(f"point_mask_cost: gt_valid must be N for N x H x W masks, got {tuple(gt_valid.shape)}")
+            gt_valid = gt_valid[:, None]
+    if pred_logits.shape[1] != gt_masks.shape[1]:
+        raise ValueError(
+            f"point_mask_cost: pred_logits has {pred_logits.shape[1]} views but gt_masks has {gt_masks.shape[1]}"
+        )
+    if gt_valid is not None and tuple(gt_valid.shape) != tuple(gt_masks.shape[:2]):
+        raise ValueError(f"point_mask_cost: gt_valid {tuple(gt_valid.shape)} must be N x T = {tuple(gt_masks.shape[:2])}")
+    return pred_logits, gt_masks, gt_valid
+
+
+def point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid=None):
+    """Readable reference of Mask2Former's matching costs (`batch_sigmoid_ce_loss`, `batch_dice_loss`).
+
+    Args:
+        pred_logits: Q x h x w mask logits, or Q x T x h x w with a view dimension.
+        gt_masks: N x H x W bool/uint8 (or float 0/1) masks, or N x T x H x W; any strides (views of
+            bigger tensors are read in place, never copied or converted to float).
+        points: P x 2 (x, y) in [0, 1], one point set shared by every query, target and view.
+        gt_valid: optional N (or N x T) bool; False makes that (target, view) an all-zero mask.
+    Returns:
+        (bce, dice), each Q x N float32 (float64 for float64 logits): with x the T*P sampled logits of
+        a query and t the T*P soft (bilinear) gt samples of a target,
+        bce = mean over points of BCE-with-logits(x, t), dice = 1 - (2 sum(s t) + 1) / (sum s + sum t + 1),
+        s = sigmoid(x). No gradient (matching).
+    """
+    pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
+    dtype = _compute_dtype(pred)
+    with torch.no_grad():
+        x = _sample_shared(pred, points, dtype).flatten(1)  # Q x T*P
+        t = _sample_shared(gt, points, dtype)  # N x T x P
+        if valid is not None:
+            t = t * valid[..., None].to(dtype)
+        t = t.flatten(1)  # N x T*P
+        num = x.shape[1]
+        # sum_p BCE(x, t) = sum_p softplus(x) - x t  (softplus(-x) - softplus(x) = -x): one matmul
+        bce = (F.softplus(x).sum(1, keepdim=True) - x @ t.T) / num
+        s = x.sigmoid()
+        dice = 1 - (2 * (s @ t.T) + 1) / (s.sum(1)[:, None] + t.sum(1)[None, :] + 1)
+    return bce, dice
+
+
+def _cost_cpu(pred_logits, gt_masks, points, gt_valid):
+    """C++ sampling (`point_mask_sample_shared`) + two BLAS matmuls; same math as the reference."""
+    pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
+    dtype = _compute_dtype(pred)
+    with torch.no_grad():
+        pts = points.to(dtype).contiguous()
+        x = torch.ops.cropformer_C.point_mask_sample_shared(pred.to(dtype), pts).flatten(1)
+        t = torch.ops.cropformer_C.point_mask_sample_shared(_as_sampleable(gt), pts).to(dtype)
+        if valid is not None:
+            t = t * valid[..., None].to(dtype)
+        t = t.flatten(1)
+        num = x.shape[1]
+        bce = (F.softplus(x).sum(1, keepdim=True) - x @ t.T) / num
+        s = x.sigmoid()
+        dice = 1 - (2 * (s @ t.T) + 1) / (s.sum(1)[:, None] + t.sum(1)[None, :] + 1)
+    return bce, dice
+
+
+def _as_sampleable(gt: torch.Tensor) -> torch.Tensor:
+    # bool and uint8 share a byte layout: reinterpret, never convert (no copy for any strides).
+    return gt.view(torch.uint8) if gt.dtype == torch.bool else gt
+
+
+def _cpu_ok(op: str):
+    def available(device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in (torch.float32, torch.float64) and has_compiled_op(op)
+
+    return available
+
+
+def point_mask_cost(pred_logits, gt_masks, points, *, gt_valid=None, backend="auto"):
+    """Matching costs on shared points; see `point_mask_cost_ref` for shapes and semantics.
+
+    backend: "auto" | "torch" | "cpu" (C++ sampling, when the extension is built).
+    """
+    choice = resolve(
+        "point_mask_cost",
+        backend,
+        pred_logits.device,
+        pred_logits.dtype,
+        (("cpu", _cpu_ok("point_mask_sample_shared"), "C++ bilinear sampling of the compact masks"),),
+    )
+    if choice == "cpu":
+        return _cost_cpu(pred_logits, gt_masks, points, gt_valid)
+    return point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# point_mask_loss
+
+
+def _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
+    if pred_logits.dim() != 3 or gt_masks.dim() != 3:
+        raise ValueError(
+            f"point_mask_loss: pred_logits and gt_masks must be K x h x w and K' x H x W, got "
+            f"{tuple(pred_logits.shape)} and {tuple(gt_masks.shape)}"
+        )
+    if not pred_logits.is_floating_point():
+        raise TypeError(f"point_mask_loss: pred_logits must be floating point, got {pred_logits.dtype}")
+    if not _is_mask_dtype(gt_masks):
+        raise TypeError(f"point_mask_loss: gt_masks must be bool, uint8 or float, got {gt_masks.dtype}")
+    if points.dim() != 3 or points.shape[2] != 2:
+        raise ValueError(f"point_mask_loss: points must be M x P x 2 (x, y), got {tuple(points.shape)}")
+    m = points.shape[0]
+    for name, index, rows in (("pred_index", pred_index, pred_logits.shape[0]), ("gt_index", gt_index, gt_masks.shape[0])):
+        if index is None:
+            if rows != m:
+                raise ValueError(
+                    f"point_mask_loss: {m} point sets but {rows} {name[:-6]} masks (pass {name} to pick rows)"
+                )
+        elif index.dim() != 1 or index.shape[0] != m or index.dtype != torch.int64:
+            raise ValueError(f"point_mask_loss: {name} must be int64 of shape ({m},), got {index.dtype} {tuple(index.shape)}")
+    if gt_valid is not None and tuple(gt_valid.shape) != (m,):
+        raise ValueError(f"point_mask_loss: gt_valid must be ({m},), got {tuple(gt_valid.shape)}")
+
+
+def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None):
+    """Readable reference of Mask2Former's point losses (`sigmoid_ce_loss`, `dice_loss`), per pair.
+
+    Args:
+        pred_logits: M x h x w mask logits of the matched predictions, or K x h x w with
+            `pred_index` (M int64) picking the row of each pair (no gathered copy).
+        gt_masks: M x H x W bool/uint8 (or float) masks, or K' x H x W with `gt_index` (M int64).
+        points: M x P x 2 (x, y) in [0, 1], each pair's own points.
+        gt_valid: optional M bool; False makes that pair's target all zero.
+    Returns:
+        (bce, dice), each M float32 (float64 for float64 logits), differentiable w.r.t. pred_logits:
+        bce = mean over the P points of BCE-with-logits, dice = 1 - (2 sum(s t) + 1) / (sum s + sum t + 1),
+        s = sigmoid of the sampled logit, t = bilinear (soft) gt sample. The original divides their
+        sums by num_masks; the caller does that.
+    """
+    _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    dtype = _compute_dtype(pred_logits)
+    x = _sample_rows(pred_logits, pred_index, points, dtype)  # M x P
+    with torch.no_grad():
+        t = _sample_rows(gt_masks, gt_index, points, dtype)
+        if gt_valid is not None:
+            t = t * gt_valid[:, None].to(dtype)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
+    s = x.sigmoid()
+    dice = 1 - (2 * (s * t).sum(1) + 1) / (s.sum(1) + t.sum(1) + 1)
+    return bce, dice
+
+
+class _PointMaskLossCPU(torch.autograd.Function):
+    """Fused C++ forward/backward: saves only the M x P samples, recomputes the taps in backward."""
+
+    @staticmethod
+    def forward(ctx, pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
+        bce, dice, x, t = torch.ops.cropformer_C.point_mask_loss_fwd(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+        ctx.save_for_backward(points, pred_index, x, t)
+        ctx.pred_shape = pred_logits.shape
+        return bce, dice
+
+    @staticmethod
+    def backward(ctx, grad_bce, grad_dice):
+        points, pred_index, x, t = ctx.saved_tensors
+        grad_pred = torch.ops.cropformer_C.point_mask_loss_bwd(
+            grad_bce.contiguous(), grad_dice.contiguous(), points, pred_index, x, t, list(ctx.pred_shape)
+        )
+        return grad_pred, None, None, None, None, None
+
+
+def _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
+    _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    dtype = _compute_dtype(pred_logits)
+    m = points.shape[0]
+    arange = torch.arange(m, dtype=torch.int64)
+    pred_index = arange if pred_index is None else pred_index.contiguous()
+    gt_index = arange if gt_index is None else gt_index.contiguous()
+    gt_valid = torch.ones(m, dtype=torch.uint8) if gt_valid is None else gt_valid.to(torch.uint8).contiguous()
+    pred = pred_logits.to(dtype)
+    if not pred.is_contiguous():
+        pred = pred.contiguous()
+    return _PointMaskLossCPU.apply(pred, _as_sampleable(gt_masks), points.to(dtype).contiguous(), pred_index, gt_index, gt_valid)
+
+
+def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None, backend="auto"):
+    """Per-pair point losses; see `point_mask_loss_ref` for shapes and semantics.
+
+    backend: "auto" | "torch" | "cpu" (fused C++ forward and backward, when the extension is built).
+    """
+    choice = resolve(
+        "point_mask_loss",
+        backend,
+        pred_logits.device,
+        pred_logits.dtype,
+        (("cpu", _cpu_ok("point_mask_loss_fwd"), "fused C++ sampling + BCE + dice, M x P saved for backward"),),
+    )
+    if choice == "cpu":
+        return _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    return point_mask_loss_ref(pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# sample_uncertain_points
+
+
+def sample_uncertain_points(
+    logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+    *,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PointRend importance sampling of loss points (`get_uncertain_point_coords_with_randomness`).
+
+    Draws int(num_points * oversample_ratio) uniform candidates per mask, keeps the
+    int(importance_sample_ratio * num_points) most uncertain ones (uncertainty = -|logit| at the
+    point, bilinear), and appends num_points - that many fresh uniform points. The draws are two
+    `torch.rand` calls in the original's order and shapes (M x S x 2, then M x R x 2), so the same
+    generator state gives the original's points.
+
+    Args:
+        logits: M x h x w mask logits, or K x h x w with `index` (M int64) picking the rows.
+        generator: torch.Generator on the logits' device (None = the global generator).
+    Returns:
+        M x num_points x 2 (x, y) in [0, 1], float32. No gradient.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"sample_uncertain_points: logits must be M x h x w, got {tuple(logits.shape)}")
+    if num_points < 1 or oversample_ratio < 1:
+        raise ValueError(f"sample_uncertain_points: need num_points >= 1 and oversample_ratio >= 1, got {num_points}, {oversample_ratio}")
+    if not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"sample_uncertain_points: importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+    m = logits.shape[0] if index is None else index.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    device = logits.device
+    with torch.no_grad():
+        candidates = torch.rand(m, num_sampled, 2, device=device, generator=generator)
+        uncertainty = -_sample_rows(logits, index, candidates, torch.float32).abs()  # M x S
+        top = uncertainty.topk(num_uncertain, dim=1).indices  # M x num_uncertain
+        coords = candidates.gather(1, top[..., None].expand(-1, -1, 2))
+        if num_random > 0:
+            coords = torch.cat([coords, torch.rand(m, num_random, 2, device=device, generator=generator)], dim=1)
+    return coords
