@@ -1,12 +1,27 @@
-"""Masked cross-attention (Mask2Former), one dispatch point + torch reference.
+"""Masked cross-attention (Mask2Former image and batch decoders): one dispatch point + torch reference.
 
-Fast paths (Triton, CUDA) are added behind `masked_cross_attention` by the kernel work (issue 4).
+Backends behind `masked_cross_attention`:
+
+- ``torch``: `masked_cross_attention_ref`, the definition of correctness (any device and dtype).
+- ``triton``: `kernels/masked_attention.py`, a flash-attention kernel pair that decides the mask from
+  the logits inside the kernel (GPU; CPU only under TRITON_INTERPRET=1, for tests). It is registered as
+  the custom op ``torch.ops.cropformer.masked_cross_attention_fwd`` (+ ``_bwd``) with fake
+  implementations, so `torch.compile` traces through it.
+
+``auto`` picks ``triton`` for fp16/bf16/fp32 CUDA tensors and the reference otherwise; on CPU it never
+picks the interpreter, which exists for tests.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from ._dispatch import resolve
+from ._dispatch import resolve, triton_usable
+
+# Target size of one query chunk's B x H x chunk x K scores in the reference.
+_REF_CHUNK_BYTES = 64 * 2**20
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def attention_block_mask(mask_logits: torch.Tensor) -> torch.Tensor:
@@ -15,25 +30,150 @@ def attention_block_mask(mask_logits: torch.Tensor) -> torch.Tensor:
     return blocked & ~blocked.all(dim=-1, keepdim=True)
 
 
-def masked_cross_attention_ref(q, k, v, mask_logits):
-    """Readable reference, the definition of correctness.
+def _check_inputs(q, k, v, mask_logits) -> None:
+    """Raise a ValueError / TypeError that names the offending argument and the expected shape."""
+    for name, t, dims in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("mask_logits", mask_logits, 3)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"masked_cross_attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"masked_cross_attention: {name} must have {dims} dims, got shape {list(t.shape)}")
+    B, H, Q, D = q.shape
+    K = k.shape[2]
+    if tuple(k.shape) != (B, H, K, D):
+        raise ValueError(
+            f"masked_cross_attention: k has shape {list(k.shape)}; with q {list(q.shape)} (B x H x Q x D) "
+            f"it must be B x H x K x D = [{B}, {H}, K, {D}]")
+    if tuple(v.shape) != (B, H, K, D):
+        raise ValueError(
+            f"masked_cross_attention: v has shape {list(v.shape)}; it must match k, B x H x K x D = "
+            f"{[B, H, K, D]}")
+    if tuple(mask_logits.shape) != (B, Q, K):
+        raise ValueError(
+            f"masked_cross_attention: mask_logits has shape {list(mask_logits.shape)}; it must be "
+            f"B x Q x K = {[B, Q, K]} (shared by all heads, not expanded per head)")
+    if K == 0:
+        raise ValueError("masked_cross_attention: needs at least one key (k has K = 0)")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(
+            f"masked_cross_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not mask_logits.is_floating_point():
+        raise TypeError(f"masked_cross_attention: mask_logits must be floating point logits, got {mask_logits.dtype}")
+    if not (q.device == k.device == v.device == mask_logits.device):
+        raise ValueError(
+            f"masked_cross_attention: inputs on different devices: q {q.device}, k {k.device}, v {v.device}, "
+            f"mask_logits {mask_logits.device}")
 
-    Args:
-        q: B x H x Q x D; k, v: B x H x K x D.
-        mask_logits: B x Q x K, shared by all heads. Key j is blocked for query i when
-            mask_logits[b, i, j] < 0, except that a row with every key blocked attends to all keys.
-    Returns:
-        B x H x Q x D. The mask is broadcast over heads, never expanded per head.
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # B x H x Q x K
-    blocked = attention_block_mask(mask_logits).unsqueeze(1)  # B x 1 x Q x K
-    scores = scores.masked_fill(blocked, float("-inf"))
+
+def _attend(q, k, v, mask_logits):
+    """Dense masked attention of one query chunk: q B x H x C x D, mask_logits B x C x K."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # B x H x C x K
+    # In place: matmul's backward needs its inputs, not its output. The mask broadcasts over heads.
+    scores.masked_fill_(attention_block_mask(mask_logits).unsqueeze(1), float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
+def masked_cross_attention_ref(q, k, v, mask_logits, query_chunk: int | None = None):
+    """Readable reference, the definition of correctness.
+
+    Args:
+        q: B x H x Q x D; k, v: B x H x K x D, one floating dtype.
+        mask_logits: B x Q x K floating, shared by all heads. Key j is blocked for query i when
+            mask_logits[b, i, j] < 0 (a logit of exactly 0 is open, NaN is open), except that a row
+            with every key blocked attends to all keys. No gradient flows to it.
+        query_chunk: queries per chunk; None sizes chunks so one chunk's scores are ~64 MiB.
+    Returns:
+        B x H x Q x D.
+
+    Memory: queries are processed in chunks (rows are independent), the mask is computed per chunk
+    and broadcast over heads, and under autograd each chunk is recomputed in backward (activation
+    checkpointing), so neither pass holds the B x H x Q x K scores or any per-head mask; the largest
+    live tensors are a few B x H x chunk x K.
+    """
+    _check_inputs(q, k, v, mask_logits)
+    B, H, Q, _ = q.shape
+    K = k.shape[2]
+    if query_chunk is None:
+        query_chunk = max(1, _REF_CHUNK_BYTES // (B * H * K * q.element_size()))
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    mask_logits = mask_logits.detach()
+    outs = []
+    for start in range(0, max(Q, 1), query_chunk):  # one empty chunk when Q == 0
+        args = (q[:, :, start:start + query_chunk], k, v, mask_logits[:, start:start + query_chunk])
+        outs.append(checkpoint(_attend, *args, use_reentrant=False) if recompute else _attend(*args))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton fast path as a custom op (opaque to torch.compile, with fake kernels and autograd).
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cropformer::masked_cross_attention_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out B x H x Q x D, lse B x H x Q fp32, row_open B x Q int32)."""
+    from kernels.masked_attention import masked_attention_forward
+
+    return masked_attention_forward(q, k, v, mask_logits)
+
+
+@_triton_fwd.register_fake
+def _(q, k, v, mask_logits):
+    B, H, Q, D = q.shape
+    return (q.new_empty(B, H, Q, D), q.new_empty(B, H, Q, dtype=torch.float32),
+            q.new_empty(B, Q, dtype=torch.int32))
+
+
+@torch.library.custom_op("cropformer::masked_cross_attention_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask_logits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, row_open: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous."""
+    from kernels.masked_attention import masked_attention_backward
+
+    return masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open)
+
+
+@_triton_bwd.register_fake
+def _(grad_out, q, k, v, mask_logits, out, lse, row_open):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    q, k, v, mask_logits = inputs
+    out, lse, row_open = output
+    ctx.save_for_backward(q, k, v, mask_logits, out, lse, row_open)
+
+
+def _triton_backward(ctx, grad_out, grad_lse, grad_row_open):
+    q, k, v, mask_logits, out, lse, row_open = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd(grad_out, q, k, v, mask_logits, out, lse, row_open)
+    return dq, dk, dv, None
+
+
+_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in _TRITON_DTYPES and triton_usable(device)
+
+
 def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
-    """Masked cross-attention; see `masked_cross_attention_ref` for shapes and semantics."""
-    choice = resolve("masked_cross_attention", backend, q.device, q.dtype, ())
-    assert choice == "torch"
+    """Masked cross-attention; see `masked_cross_attention_ref` for shapes and semantics.
+
+    Args:
+        backend: "auto" (Triton for fp16/bf16/fp32 CUDA tensors, else the reference), "torch" or
+            "triton". An explicit backend that cannot run raises a RuntimeError.
+    Returns:
+        B x H x Q x D in q's dtype; gradients for q, k, v, none for mask_logits.
+    """
+    _check_inputs(q, k, v, mask_logits)
+    preference = [("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits")]
+    if backend == "auto" and q.device.type != "cuda":
+        preference = []  # the Triton interpreter is for tests, never a default
+    choice = resolve("masked_cross_attention", backend, q.device, q.dtype, preference)
+    if choice == "triton":
+        if q.shape[2] == 0:
+            return q.new_empty(q.shape)
+        return torch.ops.cropformer.masked_cross_attention_fwd(q, k, v, mask_logits)[0]
     return masked_cross_attention_ref(q, k, v, mask_logits)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from cropformer.convert import rename_key
 from cropformer.modeling.association import AssociationModule
 from cropformer.modeling.batch_decoder import BatchDecoder, view_position_encoding
-from cropformer.modeling.image_decoder import CrossAttentionLayer, ImageDecoder
+from cropformer.modeling.image_decoder import CrossAttentionLayer, FFNLayer, ImageDecoder, SelfAttentionLayer
 from cropformer.ops.masked_attention import masked_cross_attention
 from tests.conftest import assert_close, load_reference, reference_dir
 
@@ -274,6 +274,41 @@ def test_cross_attention_layer_matches_multihead_attention(pre_norm):
     assert_close(ours, ref, rtol=1e-10, atol=1e-10, name="cross-attention layer")
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_self_attention_and_ffn_layers(pre_norm):
+    """Post-norm: norm(x + f(x)); pre-norm: x + f(norm(x)); the position goes into q and k only."""
+    torch.manual_seed(0)
+    sa = SelfAttentionLayer(64, 4, normalize_before=pre_norm).double()
+    ffn = FFNLayer(64, 96, normalize_before=pre_norm).double()
+    x, qpos = torch.randn(2, 7, 64).double(), torch.randn(7, 64).double()
+    y = sa.norm(x) if pre_norm else x
+    ref = x + sa.self_attn(y + qpos, y + qpos, y, need_weights=False)[0]
+    assert_close(sa(x, query_pos=qpos), ref if pre_norm else sa.norm(ref), rtol=1e-10, atol=1e-10, name="self-attn")
+    y = ffn.norm(x) if pre_norm else x
+    ref = x + ffn.linear2(torch.relu(ffn.linear1(y)))
+    assert_close(ffn(x), ref if pre_norm else ffn.norm(ref), rtol=1e-10, atol=1e-10, name="ffn")
+
+
+def test_layer_init_is_xavier_uniform():
+    """As the original's layers re-initialise themselves: every parameter with dim > 1 inside the
+    attention/FFN layers is xavier-uniform (bound sqrt(6 / (fan_in + fan_out)), which is larger than
+    PyTorch's default Linear bound 1/sqrt(fan_in) for these shapes, so the maximum tells them apart);
+    attention biases stay zero; embeddings and heads keep PyTorch's defaults."""
+    torch.manual_seed(0)
+    heads = tiny_heads()
+    layers = [m for m in heads.modules() if isinstance(m, (CrossAttentionLayer, SelfAttentionLayer, FFNLayer))]
+    assert len(layers) == 3 * TINY["num_layers"] + 3
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            if p.dim() > 1:
+                bound = (6 / (p.shape[0] + p.shape[1])) ** 0.5
+                assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound, name
+            elif name.endswith("in_proj_bias") or name.endswith("out_proj.bias"):
+                assert (p == 0).all(), name
+    # nn.Embedding default: standard normal (not a xavier bound)
+    assert heads.image_decoder.query_feat.weight.abs().max() > 2.0
+
+
 def _backend_or_skip(backend: str, device: torch.device):
     """Skip when `backend` cannot run masked_cross_attention here (the op's own message says why)."""
     q = torch.randn(1, 1, 2, 4, device=device)
@@ -288,7 +323,8 @@ def _backend_or_skip(backend: str, device: torch.device):
 @pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "cpu"])
 def test_attn_backend_swap_keeps_outputs(backend):
     """(f) Every available attention backend gives the torch reference's outputs (1e-5) through image
-    decoder + association + batch decoder. Runs on the GPU when there is one (triton/cuda need it)."""
+    decoder + association + batch decoder. Runs on the GPU when there is one; on CPU triton runs only
+    when the process has TRITON_INTERPRET=1 (a few seconds at these sizes)."""
     device = torch.device("cuda" if torch.cuda.is_available() and backend != "cpu" else "cpu")
     _backend_or_skip(backend, device)
     heads = tiny_heads().to(device).eval()
