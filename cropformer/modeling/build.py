@@ -36,6 +36,7 @@ def build_image_encoder(cfg: BackboneConfig):
             depths=tuple(h.depths),
             drop_path_rate=h.drop_path_rate,
             layer_scale_init_value=h.layer_scale_init_value,
+            use_checkpoint=cfg.use_checkpoint,
         )
     if cfg.name == "resnet":
         from .backbone.resnet import ResNet

@@ -1,13 +1,34 @@
-"""Multi-scale deformable attention (Deformable DETR), one dispatch point + torch reference.
+"""Multi-scale deformable attention (Deformable DETR): one dispatch point + torch reference.
 
-Fast paths (C++ CPU, CUDA, Triton) are added behind `ms_deform_attn` by the kernel work (issue 3).
+Backends behind `ms_deform_attn`:
+
+- ``torch``: `ms_deform_attn_ref` (grid_sample based), the definition of correctness; any device/dtype.
+- ``cpu``: C++ kernels in ``csrc/ms_deform_attn/`` (OpenMP, channel loops vectorised, AVX2 picked at run
+  time on x86-64), forward and backward; needs the compiled extension.
+- ``cuda``: CUDA kernels in ``csrc/ms_deform_attn/`` (fp32/fp16/bf16/fp64 inputs, fp32 accumulation for
+  the 16-bit types), forward and backward; needs the extension built with CUDA.
+- ``triton``: ``kernels/ms_deform_attn.py``, forward and backward (GPU; CPU only under TRITON_INTERPRET=1,
+  for tests).
+
+``auto`` picks, for CUDA tensors, the CUDA kernel when built, else Triton; for CPU tensors the C++ kernel
+when built; otherwise the reference, and `_dispatch.resolve` logs once which one it took and why.
+
+The fast paths run through the custom ops ``torch.ops.cropformer.ms_deform_attn_fwd`` / ``_bwd`` (with
+fake implementations and autograd), so `torch.compile` traces them as single nodes.
+
+Every backend validates its inputs: wrong ranks or sizes, mismatched dtypes or devices, non-contiguous
+tensors, and spatial_shapes / level_start_index that do not describe value's S raise an error (ValueError
+here, RuntimeError from the compiled entry points) instead of reading out of bounds. The compiled CUDA
+entry copies the L x 3 level integers to the host for that check.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve
+from ._dispatch import has_compiled_op, has_cuda_kernels, resolve, triton_usable
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -42,8 +63,191 @@ def ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locati
     return out.transpose(1, 2).contiguous()
 
 
+# ----------------------------------------------------------------------------------------------------
+# Input validation (the same rules as csrc/ms_deform_attn/ms_deform_attn_cpu.cpp::check_inputs).
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    """Shape, dtype, device and contiguity checks; they read only metadata (no device sync)."""
+    named = (("value", value), ("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
+             ("sampling_locations", sampling_locations), ("attention_weights", attention_weights))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a tensor, got {type(t).__name__}")
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be B x S x H x D, got shape {list(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[5] != 2:
+        raise ValueError("ms_deform_attn: sampling_locations must be B x Q x H x L x P x 2, got shape "
+                         f"{list(sampling_locations.shape)}")
+    if attention_weights.dim() != 5:
+        raise ValueError("ms_deform_attn: attention_weights must be B x Q x H x L x P, got shape "
+                         f"{list(attention_weights.shape)}")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be L x 2, got shape {list(spatial_shapes.shape)}")
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if L < 1:
+        raise ValueError("ms_deform_attn: need at least one level")
+    if spatial_shapes.shape[0] != L:
+        raise ValueError(f"ms_deform_attn: spatial_shapes has {spatial_shapes.shape[0]} levels but "
+                         f"sampling_locations has {L}")
+    if tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"ms_deform_attn: level_start_index must have shape [{L}], got "
+                         f"{list(level_start_index.shape)}")
+    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != H:
+        raise ValueError(f"ms_deform_attn: sampling_locations {list(sampling_locations.shape)} does not match "
+                         f"value {list(value.shape)} in batch or heads")
+    if tuple(attention_weights.shape) != (B, Q, H, L, P):
+        raise ValueError(f"ms_deform_attn: attention_weights must have shape {[B, Q, H, L, P]}, got "
+                         f"{list(attention_weights.shape)}")
+    if D < 1 or H < 1:
+        raise ValueError("ms_deform_attn: value needs at least one head and one channel")
+    if value.dtype not in _DTYPES:
+        raise TypeError(f"ms_deform_attn: value must be float32, float64, float16 or bfloat16, got {value.dtype}")
+    for name, t in named[3:]:
+        if t.dtype != value.dtype:
+            raise TypeError(f"ms_deform_attn: {name} must have value's dtype {value.dtype}, got {t.dtype}")
+    for name, t in named[1:3]:
+        if t.dtype != torch.int64:
+            raise TypeError(f"ms_deform_attn: {name} must be int64, got {t.dtype}")
+    for name, t in named:
+        if t.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"ms_deform_attn: {name} must be contiguous")
+
+
+def _check_levels(spatial_shapes, level_start_index, S: int) -> None:
+    """spatial_shapes (h, w >= 1) must sum to S and level_start_index be its exclusive prefix sum.
+
+    Reads the L x 3 integers (a device sync for CUDA tensors).
+    """
+    total = 0
+    for lvl, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+        if h < 1 or w < 1:
+            raise ValueError(f"ms_deform_attn: spatial_shapes[{lvl}] = ({h}, {w}) must be positive")
+        if start != total:
+            raise ValueError(f"ms_deform_attn: level_start_index[{lvl}] = {start} but the levels before it hold "
+                             f"{total} pixels")
+        total += h * w
+    if total != S:
+        raise ValueError(f"ms_deform_attn: spatial_shapes sum to {total} pixels but value has S = {S}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast paths as custom ops (opaque to torch.compile, with fake kernels and autograd).
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cropformer::ms_deform_attn_fwd", mutates_args=())
+def _fused_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+               sampling_locations: torch.Tensor, attention_weights: torch.Tensor, backend: str) -> torch.Tensor:
+    """B x Q x (H * D) from the "cpu" / "cuda" compiled kernels or the "triton" kernels."""
+    if backend == "triton":
+        from kernels.ms_deform_attn import ms_deform_attn_forward
+
+        _check_levels(spatial_shapes, level_start_index, value.shape[1])
+        return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights)
+    return torch.ops.cropformer_C.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                         sampling_locations, attention_weights)
+
+
+@_fused_fwd.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+    B, _, H, D = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], H * D)
+
+
+@torch.library.custom_op("cropformer::ms_deform_attn_bwd", mutates_args=())
+def _fused_bwd(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+               level_start_index: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_value, grad_sampling_locations, grad_attention_weights), each shaped like its input."""
+    if backend == "triton":
+        from kernels.ms_deform_attn import ms_deform_attn_backward
+
+        return ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                       attention_weights)
+    return torch.ops.cropformer_C.ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index,
+                                                          sampling_locations, attention_weights)
+
+
+@_fused_bwd.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+    return value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape), \
+        attention_weights.new_empty(attention_weights.shape)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.backend = backend
+
+
+def _fused_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_attn = _fused_bwd(grad_output.contiguous(), value, spatial_shapes, level_start_index,
+                                                 sampling_locations, attention_weights, ctx.backend)
+    return grad_value, None, None, grad_loc, grad_attn, None
+
+
+_fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cuda_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cuda" and dtype in _DTYPES and has_cuda_kernels()
+            and has_compiled_op("ms_deform_attn_forward"))
+
+
+def _cpu_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _DTYPES and has_compiled_op("ms_deform_attn_forward")
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES and triton_usable(device)
+
+
+_PREFERENCE = (
+    ("cuda", _cuda_ok, "compiled CUDA kernel"),
+    ("triton", _triton_ok, "Triton kernel (CUDA extension not built)"),
+    ("cpu", _cpu_ok, "compiled C++ CPU kernel"),
+)
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Availability is a property of the process, not of the traced values: torch.compile evaluates
+    # this once while tracing and bakes the answer in.
+    preference = _PREFERENCE
+    if backend == "auto" and device.type != "cuda":
+        preference = tuple(p for p in _PREFERENCE if p[0] != "triton")  # the interpreter is for tests only
+    return resolve("ms_deform_attn", backend, device, dtype, preference)
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend="auto"):
-    """Multi-scale deformable attention; see `ms_deform_attn_ref` for shapes and semantics."""
-    choice = resolve("ms_deform_attn", backend, value.device, value.dtype, ())
-    assert choice == "torch"
-    return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    """Multi-scale deformable attention; see `ms_deform_attn_ref` for shapes and semantics.
+
+    Args:
+        value: B x S x H x D; sampling_locations: B x Q x H x L x P x 2; attention_weights: B x Q x H x L x P,
+            all of one floating dtype, contiguous, on one device; spatial_shapes: L x 2 and
+            level_start_index: L, int64 on the same device.
+        backend: "auto", "torch", "cpu", "cuda" or "triton". An explicit backend that cannot run raises a
+            RuntimeError.
+    Returns:
+        B x Q x (H * D) in value's dtype, differentiable w.r.t. value, sampling_locations and
+        attention_weights. A location whose four neighbours are all outside its level samples zero and
+        gets a zero gradient; at exact pixel centres the location gradient is grid_sample's one-sided one.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    choice = _choose_backend(backend, value.device, value.dtype)
+    if choice == "torch":
+        _check_levels(spatial_shapes, level_start_index, value.shape[1])
+        return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _fused_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, choice)

@@ -62,33 +62,43 @@ def bilinear_taps(points: torch.Tensor, height: int, width: int):
     return taps
 
 
-def _sample_shared(maps: torch.Tensor, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bilinear samples of every map at one point set.
+def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of float maps, `point_sample(..., align_corners=False)` of detectron2.
 
-    maps: ... x H x W (float logits, or bool/uint8 masks read without a float copy);
-    points: P x 2. Returns ... x P in `dtype`.
+    maps: K x C x h x w float; points: K x P x 2 (same dtype). Returns K x C x P (differentiable).
+    """
+    return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+
+
+def sample_compact(masks: torch.Tensor, points: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None):
+    """Bilinear samples of compact masks, read in place (no float copy of the masks).
+
+    Args:
+        masks: K x T x H x W (or K x H x W) bool/uint8/float, any strides.
+        points: P x 2 shared by all masks, or M x P x 2 with `rows` (M int64: mask k of each row).
+        dtype: of the result.
+    Returns:
+        K x T x P (shared points) or M x P (per-row points), soft labels in [0, 1] for 0/1 masks.
     """
     out = None
-    for y, x, w in bilinear_taps(points, maps.shape[-2], maps.shape[-1]):
-        v = maps[..., y, x].to(dtype) * w.to(dtype)  # ... x P, one neighbour at a time
+    for y, x, w in bilinear_taps(points, masks.shape[-2], masks.shape[-1]):
+        v = masks[..., y, x] if rows is None else masks[rows[:, None], y, x]
+        v = v.to(dtype) * w.to(dtype)  # one neighbour at a time: never more than one extra K x T x P
         out = v if out is None else out + v
     return out
 
 
-def _sample_rows(maps: torch.Tensor, rows: torch.Tensor | None, points: torch.Tensor, dtype: torch.dtype):
-    """Bilinear samples of map `rows[m]` at its own points `points[m]`.
+def _sample_logits_shared(pred: torch.Tensor, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Q x T x h x w logits at P shared points -> Q x T x P in `dtype`."""
+    q = pred.shape[0]
+    pts = points.to(dtype)[None].expand(q, -1, -1)
+    return point_sample(pred.to(dtype), pts)
 
-    maps: K x H x W; rows: M int64 (None = arange(K)); points: M x P x 2. Returns M x P in `dtype`
-    (differentiable w.r.t. float `maps`).
-    """
-    if rows is None:
-        rows = torch.arange(maps.shape[0], device=maps.device)
-    rows = rows[:, None]  # M x 1, broadcast over the points
-    out = None
-    for y, x, w in bilinear_taps(points, maps.shape[-2], maps.shape[-1]):
-        v = maps[rows, y, x].to(dtype) * w.to(dtype)
-        out = v if out is None else out + v
-    return out
+
+def _sample_logits_rows(pred: torch.Tensor, rows: torch.Tensor | None, points: torch.Tensor, dtype: torch.dtype):
+    """Row rows[m] of K x h x w logits at its own points M x P x 2 -> M x P (differentiable)."""
+    picked = pred if rows is None else pred[rows]  # M x h x w, as the original's src_masks[src_idx]
+    return point_sample(picked.to(dtype)[:, None], points.to(dtype))[:, 0]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -152,8 +162,8 @@ def point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid=None):
     pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
     dtype = _compute_dtype(pred)
     with torch.no_grad():
-        x = _sample_shared(pred, points, dtype).flatten(1)  # Q x T*P
-        t = _sample_shared(gt, points, dtype)  # N x T x P
+        x = _sample_logits_shared(pred, points, dtype).flatten(1)  # Q x T*P
+        t = sample_compact(gt, points, dtype)  # N x T x P
         if valid is not None:
             t = t * valid[..., None].to(dtype)
         t = t.flatten(1)  # N x T*P
@@ -258,9 +268,11 @@ def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_in
     """
     _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
     dtype = _compute_dtype(pred_logits)
-    x = _sample_rows(pred_logits, pred_index, points, dtype)  # M x P
+    x = _sample_logits_rows(pred_logits, pred_index, points, dtype)  # M x P
     with torch.no_grad():
-        t = _sample_rows(gt_masks, gt_index, points, dtype)
+        if gt_index is None:
+            gt_index = torch.arange(gt_masks.shape[0], device=gt_masks.device)
+        t = sample_compact(gt_masks, points, dtype, rows=gt_index)
         if gt_valid is not None:
             t = t * gt_valid[:, None].to(dtype)
     bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
@@ -359,7 +371,7 @@ def sample_uncertain_points(
     device = logits.device
     with torch.no_grad():
         candidates = torch.rand(m, num_sampled, 2, device=device, generator=generator)
-        uncertainty = -_sample_rows(logits, index, candidates, torch.float32).abs()  # M x S
+        uncertainty = -_sample_logits_rows(logits, index, candidates, torch.float32).abs()  # M x S
         top = uncertainty.topk(num_uncertain, dim=1).indices  # M x num_uncertain
         coords = candidates.gather(1, top[..., None].expand(-1, -1, 2))
         if num_random > 0:

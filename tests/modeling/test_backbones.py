@@ -376,6 +376,26 @@ def test_resnet_freeze_at():
     assert frozen == {"stem", "res2"}
 
 
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_resnet_other_norms(norm):
+    """detectron2's other norm names; freezing turns frozen BatchNorms into FrozenBN (same function)."""
+    torch.manual_seed(7)
+    # half width (GroupNorm's 32 groups still divide every width) to keep the test fast
+    model = ResNet(depth=50, norm=norm, stem_out_channels=32, res2_out_channels=128, width_per_group=32)
+    assert isinstance(model.res4[5].conv3.norm, torch.nn.BatchNorm2d if norm == "BN" else torch.nn.GroupNorm)
+    x = torch.randn(2, 3, 64, 64)
+    feats = model(x)
+    assert feats["res5"].shape == (2, 1024, 2, 2)
+    if norm == "BN":
+        model.eval()
+        before = model(x)["res3"]
+        model.freeze(3)
+        assert isinstance(model.res3[0].conv1.norm, FrozenBatchNorm2d)
+        assert isinstance(model.res4[0].conv1.norm, torch.nn.BatchNorm2d)
+        assert "res3.0.conv1.norm.num_batches_tracked" not in model.state_dict()
+        assert_close(model(x)["res3"], before, name="frozen BN conversion")
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 

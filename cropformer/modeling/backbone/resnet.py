@@ -4,7 +4,7 @@ State-dict layout as detectron2: `stem.conv1.weight` + `stem.conv1.norm.*`, then
 `nn.Sequential`s of bottleneck blocks with `shortcut` (first block of a stage), `conv1`, `conv2`,
 `conv3`, each a bias-free conv owning its `norm`. The norm is detectron2's "FrozenBN" default: four
 persistent buffers `weight`, `bias`, `running_mean`, `running_var`, no parameters, no
-`num_batches_tracked`. Base config: depth 50, stem 64, stride in the 3x3 conv (STRIDE_IN_1X1 False),
+`num_batches_tracked` ("BN", "SyncBN" and "GN" (32 groups) are accepted as in detectron2). Base config: depth 50, stem 64, stride in the 3x3 conv (STRIDE_IN_1X1 False),
 one group, width 64 per group, res5 dilation 1, FREEZE_AT 0. Convs use detectron2's `c2_msra_fill`
 (Kaiming normal, fan_out, ReLU gain).
 """
@@ -33,6 +33,17 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
+        frozen = cls(bn.num_features, bn.eps).to(bn.running_mean.device)
+        with torch.no_grad():
+            if bn.affine:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+        return frozen
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x C x H x W -> same; folded into one scale and shift per channel."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
@@ -43,15 +54,28 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """detectron2's `get_norm` for the names a ResNet config uses."""
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if norm == "GN":
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"unknown norm {norm!r}; choose FrozenBN, BN, SyncBN or GN")
+
+
 class ConvNorm(nn.Conv2d):
     """Bias-free conv followed by its own norm, named as detectron2's `Conv2d(..., norm=...)`:
     `weight` then `norm.*` in the state dict."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, dilation: int = 1, groups: int = 1):
+                 padding: int = 0, dilation: int = 1, groups: int = 1, norm: str = "FrozenBN"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=False)
-        self.norm = FrozenBatchNorm2d(out_channels)
+        self.norm = make_norm(norm, out_channels)
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,9 +85,9 @@ class ConvNorm(nn.Conv2d):
 class BasicStem(nn.Module):
     """7x7 stride-2 conv + norm + ReLU, then 3x3 stride-2 max pool: stride 4."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 64):
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "FrozenBN"):
         super().__init__()
-        self.conv1 = ConvNorm(in_channels, out_channels, kernel_size=7, stride=2, padding=3)
+        self.conv1 = ConvNorm(in_channels, out_channels, kernel_size=7, stride=2, padding=3, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=1)
@@ -74,15 +98,17 @@ class BottleneckBlock(nn.Module):
     first two and after the residual sum; projection shortcut when channels change."""
 
     def __init__(self, in_channels: int, out_channels: int, bottleneck_channels: int, stride: int = 1,
-                 num_groups: int = 1, stride_in_1x1: bool = False, dilation: int = 1):
+                 num_groups: int = 1, stride_in_1x1: bool = False, dilation: int = 1, norm: str = "FrozenBN"):
         super().__init__()
         # creation order = detectron2's state-dict order (shortcut first)
-        self.shortcut = ConvNorm(in_channels, out_channels, 1, stride=stride) if in_channels != out_channels else None
+        self.shortcut = None
+        if in_channels != out_channels:
+            self.shortcut = ConvNorm(in_channels, out_channels, 1, stride=stride, norm=norm)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = ConvNorm(in_channels, bottleneck_channels, 1, stride=stride_1x1)
+        self.conv1 = ConvNorm(in_channels, bottleneck_channels, 1, stride=stride_1x1, norm=norm)
         self.conv2 = ConvNorm(bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=dilation,
-                              dilation=dilation, groups=num_groups)
-        self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1)
+                              dilation=dilation, groups=num_groups, norm=norm)
+        self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x))
@@ -96,6 +122,7 @@ class ResNet(nn.Module):
 
     Args:
         depth: 50, 101 or 152.
+        norm: "FrozenBN" (detectron2's default and the Base config's), "BN", "SyncBN" or "GN".
         stem_out_channels, res2_out_channels: widths of the stem and of res2's output.
         num_groups, width_per_group: bottleneck width of res2 = num_groups * width_per_group.
         stride_in_1x1: put the stride in the first 1x1 conv (MSRA style) instead of the 3x3.
@@ -106,7 +133,8 @@ class ResNet(nn.Module):
         returns {"res2".."res5": N x C_i x H / s_i x W / s_i}.
     """
 
-    def __init__(self, *, depth: int = 50, stem_out_channels: int = 64, res2_out_channels: int = 256,
+    def __init__(self, *, depth: int = 50, norm: str = "FrozenBN", stem_out_channels: int = 64,
+                 res2_out_channels: int = 256,
                  num_groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False,
                  res5_dilation: int = 1, freeze_at: int = 0, in_chans: int = 3):
         super().__init__()
@@ -114,7 +142,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {depth}")
         if res5_dilation not in (1, 2):
             raise ValueError(f"res5_dilation must be 1 or 2, got {res5_dilation}")
-        self.stem = BasicStem(in_chans, stem_out_channels)
+        self.stem = BasicStem(in_chans, stem_out_channels, norm)
         in_channels, out_channels = stem_out_channels, res2_out_channels
         bottleneck = num_groups * width_per_group
         self.out_channels: dict[str, int] = {}
@@ -128,7 +156,7 @@ class ResNet(nn.Module):
             blocks = []
             for b in range(num_blocks):
                 blocks.append(BottleneckBlock(in_channels, out_channels, bottleneck, first_stride if b == 0 else 1,
-                                              num_groups, stride_in_1x1, dilation))
+                                              num_groups, stride_in_1x1, dilation, norm))
                 in_channels = out_channels
             self.add_module(name, nn.Sequential(*blocks))
             stride_total *= first_stride
@@ -140,13 +168,16 @@ class ResNet(nn.Module):
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int = 0) -> "ResNet":
-        """Stop gradients of the stem (freeze_at >= 1) and of stage res{k+1} for k < freeze_at
-        (detectron2's FREEZE_AT). The norms are frozen anyway."""
-        if freeze_at >= 1:
-            self.stem.requires_grad_(False)
-        for idx, name in enumerate(self.stage_names):
-            if freeze_at >= idx + 2:
-                getattr(self, name).requires_grad_(False)
+        """detectron2's FREEZE_AT: freeze_at >= 1 freezes the stem, freeze_at >= k + 2 stage res{k+2}.
+        Frozen parts stop taking gradients and their BatchNorms become FrozenBatchNorm2d (statistics
+        and affine copied; `num_batches_tracked` dropped), as detectron2 does."""
+        parts = [self.stem] if freeze_at >= 1 else []
+        parts += [getattr(self, name) for idx, name in enumerate(self.stage_names) if freeze_at >= idx + 2]
+        for part in parts:
+            part.requires_grad_(False)
+            for conv in part.modules():
+                if isinstance(conv, ConvNorm) and isinstance(conv.norm, nn.modules.batchnorm._BatchNorm):
+                    conv.norm = FrozenBatchNorm2d.from_batchnorm(conv.norm)
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

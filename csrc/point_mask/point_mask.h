@@ -1,0 +1,89 @@
+// Point-sampled mask costs and losses: the per-point math shared by the CPU and CUDA builds.
+//
+// Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros") on
+// grid = 2 * point - 1, in the same arithmetic order, so samples agree with detectron2's
+// point_sample to the last bits. A neighbour outside the map has weight 0 (zero padding).
+#pragma once
+
+#include "common.h"
+
+#include <math.h>
+#include <stdint.h>
+
+namespace cropformer {
+namespace point_mask {
+
+// The four bilinear neighbours (nw, ne, sw, se) of one point: element offsets (row * stride_h +
+// col * stride_w) and weights; an outside neighbour gets offset 0 and weight 0.
+template <typename scalar_t>
+struct Taps {
+  int64_t off[4];
+  scalar_t w[4];
+};
+
+template <typename scalar_t>
+CF_HOST_DEVICE void bilinear_taps(scalar_t px, scalar_t py, int64_t height, int64_t width, int64_t stride_h,
+                                  int64_t stride_w, Taps<scalar_t>& taps) {
+  const scalar_t gx = px * scalar_t(2) - scalar_t(1);
+  const scalar_t gy = py * scalar_t(2) - scalar_t(1);
+  const scalar_t ix = ((gx + scalar_t(1)) * scalar_t(width) - scalar_t(1)) / scalar_t(2);
+  const scalar_t iy = ((gy + scalar_t(1)) * scalar_t(height) - scalar_t(1)) / scalar_t(2);
+  const scalar_t fx = floor(ix);
+  const scalar_t fy = floor(iy);
+  const scalar_t ex = fx + scalar_t(1) - ix;  // weight of the west column
+  const scalar_t wx = ix - fx;                // weight of the east column
+  const scalar_t ey = fy + scalar_t(1) - iy;  // weight of the north row
+  const scalar_t wy = iy - fy;                // weight of the south row
+  const scalar_t weights[4] = {ex * ey, wx * ey, ex * wy, wx * wy};
+  // Test in floating point before converting: points far outside (or NaN) never index memory.
+  const bool in_x0 = fx >= scalar_t(0) && fx <= scalar_t(width - 1);
+  const bool in_x1 = fx + scalar_t(1) >= scalar_t(0) && fx + scalar_t(1) <= scalar_t(width - 1);
+  const bool in_y0 = fy >= scalar_t(0) && fy <= scalar_t(height - 1);
+  const bool in_y1 = fy + scalar_t(1) >= scalar_t(0) && fy + scalar_t(1) <= scalar_t(height - 1);
+  const bool inside[4] = {in_x0 && in_y0, in_x1 && in_y0, in_x0 && in_y1, in_x1 && in_y1};
+  const int64_t x0 = in_x0 || in_x1 ? (int64_t)fx : 0;
+  const int64_t y0 = in_y0 || in_y1 ? (int64_t)fy : 0;
+  const int64_t dx[4] = {0, 1, 0, 1};
+  const int64_t dy[4] = {0, 0, 1, 1};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    taps.off[k] = inside[k] ? (y0 + dy[k]) * stride_h + (x0 + dx[k]) * stride_w : 0;
+    taps.w[k] = inside[k] ? weights[k] : scalar_t(0);
+  }
+}
+
+// Bilinear sample of one map at precomputed taps; the accumulation order (nw, ne, sw, se) is
+// grid_sample's.
+template <typename scalar_t, typename map_t>
+CF_HOST_DEVICE scalar_t sample(const map_t* map, const Taps<scalar_t>& taps) {
+  scalar_t v = scalar_t(0);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (taps.w[k] != scalar_t(0)) v += scalar_t(map[taps.off[k]]) * taps.w[k];
+  }
+  return v;
+}
+
+// BCE with logits, stable form: max(x, 0) - x t + log(1 + exp(-|x|)).
+template <typename scalar_t>
+CF_HOST_DEVICE scalar_t bce_with_logits(scalar_t x, scalar_t t) {
+  const scalar_t ax = x < scalar_t(0) ? -x : x;
+  return (x > scalar_t(0) ? x : scalar_t(0)) - x * t + log1p(exp(-ax));
+}
+
+template <typename scalar_t>
+CF_HOST_DEVICE scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + exp(-x));
+}
+
+// d(loss)/d(x) of one point of one pair, loss = g_bce * mean BCE + g_dice * dice, where
+// dice = 1 - (2A + 1) / D with A = sum(s t), D = sum(s) + sum(t) + 1 over the pair's P points.
+template <typename scalar_t, typename acc_t>
+CF_HOST_DEVICE scalar_t loss_grad(scalar_t x, scalar_t t, acc_t g_bce_over_p, acc_t g_dice, acc_t numer, acc_t denom) {
+  const acc_t s = acc_t(sigmoid(x));
+  const acc_t d_dice_ds = -(acc_t(2) * acc_t(t) * denom - numer) / (denom * denom);
+  return scalar_t(g_bce_over_p * (s - acc_t(t)) + g_dice * d_dice_ds * s * (acc_t(1) - s));
+}
+
+}  // namespace point_mask
+}  // namespace cropformer

@@ -1,0 +1,326 @@
+"""Masked cross-attention: the torch reference against a dense formula and the mask rules, the Triton
+kernels (CPU under TRITON_INTERPRET=1, compiled on a GPU) against the float64 reference, the dispatch,
+the custom op, input validation and the reference's memory.
+
+The compiled GPU tests need the interpreter off, which this module turns on unless told otherwise:
+``TRITON_INTERPRET=0 python -m pytest tests/ops/test_masked_attention.py -m gpu``.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cropformer.ops import masked_attention as ma  # noqa: E402
+from cropformer.ops._dispatch import triton_interpret, triton_usable  # noqa: E402
+from cropformer.ops.masked_attention import (  # noqa: E402
+    attention_block_mask,
+    masked_cross_attention,
+    masked_cross_attention_ref,
+)
+from tests.bench.test_bench_masked_attention import cpu_peak_bytes, sdpa_dense  # noqa: E402
+from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+
+# B, H, Q, K, D. Q and K prime or one past a block (16 / 64) so every kernel has partial tail blocks;
+# K = 1 is the one-key edge (each row is then fully open or fully blocked, hence opened);
+# D = 32 and 64 are the decoders' head sizes (256 / 8 heads) and a wider one.
+SHAPES = [
+    (1, 2, 37, 67, 32),
+    (2, 1, 64, 65, 64),
+    (1, 1, 1, 1, 32),
+    (2, 2, 17, 1, 64),
+]
+# Fraction of open keys per row: nearly all blocked (many rows then fully blocked), mixed, nearly open.
+DENSITIES = [0.01, 0.3, 0.99]
+# Kernel tuning: the heuristics (one block / one split at these sizes) and small blocks with three key
+# splits, which reach the multi-block loops, the split-key merge and the fp32 dq partial sums.
+TUNINGS = {"default": {}, "split": dict(block_q=16, block_k=16, num_splits=3)}
+
+
+def make_inputs(B, H, Q, K, D, density, dtype=torch.float64, device="cpu", seed=0):
+    """q, k, v (float64 leaves) and mask logits with `density` of the keys open. The first row is
+    fully blocked and the last fully open (when Q > 2). Logits are rounded to `dtype` first so the
+    reference and the kernel see the same signs."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Q, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, K, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, K, D, generator=g, dtype=torch.float64)
+    logits = (density - torch.rand(B, Q, K, generator=g, dtype=torch.float64)) * 4
+    if Q > 2:
+        logits[:, 0] = -logits[:, 0].abs() - 0.1
+        logits[:, -1] = logits[:, -1].abs() + 0.1
+    logits = logits.to(dtype)
+    return [t.to(device) for t in (q, k, v, logits)]
+
+
+def dense_formula(q, k, v, mask_logits):
+    """Independent dense formula: per-head additive mask, explicit softmax."""
+    B, H, Q, D = q.shape
+    blocked = mask_logits < 0
+    blocked = blocked & ~blocked.all(-1, keepdim=True)
+    bias = torch.zeros(B, H, Q, k.shape[2], dtype=q.dtype).masked_fill(blocked[:, None].expand(B, H, -1, -1), float("-inf"))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5 + bias, dim=-1)
+    return weights @ v
+
+
+def grads(fn, q, k, v, logits, grad_out):
+    """(out, dq, dk, dv) of fn at leaves copied from q, k, v."""
+    q, k, v = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(q, k, v, logits)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _kernel(tuning):
+    from kernels.masked_attention import masked_attention
+
+    return lambda q, k, v, m: masked_attention(q, k, v, m, **tuning)
+
+
+def _device_or_skip(device):
+    if device == "cuda":
+        dev = cuda_or_skip()
+        if triton_interpret():
+            pytest.skip("TRITON_INTERPRET=1 would interpret the GPU kernels; rerun with TRITON_INTERPRET=0")
+        return dev
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 and triton")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference: mask rules and dense formula.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_block_mask_rules():
+    logits = torch.tensor([[[-1.0, -2.0, -0.5],   # all blocked -> all opened
+                            [-1.0, 0.0, -3.0],    # 0 is open (sigmoid(0) = 0.5 is not < 0.5)
+                            [float("nan"), -1.0, 2.0],  # NaN is not < 0: open
+                            [1.0, 2.0, 3.0]]])
+    expected = torch.tensor([[[False, False, False],
+                              [True, False, True],
+                              [False, True, False],
+                              [False, False, False]]])
+    assert torch.equal(attention_block_mask(logits), expected)
+
+
+def test_ref_rows_follow_the_rules():
+    """A fully blocked row equals unmasked attention; a row with one open key returns that key's v."""
+    q, k, v, logits = make_inputs(2, 3, 5, 11, 8, density=0.5)
+    logits[:, 0] = -1.0
+    logits[:, 1] = -1.0
+    logits[:, 1, 4] = 0.5
+    out = masked_cross_attention_ref(q, k, v, logits)
+    unmasked = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+    assert_close(out[:, :, 0], unmasked[:, :, 0], rtol=1e-12, atol=1e-12, name="fully blocked row")
+    assert_close(out[:, :, 1], v[:, :, 4], rtol=1e-12, atol=1e-12, name="one open key")
+
+
+@pytest.mark.parametrize("query_chunk", [None, 1, 6])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("B,H,Q,K,D", [(2, 3, 13, 29, 8), (1, 2, 1, 1, 4)])
+def test_ref_matches_dense_formula(B, H, Q, K, D, density, query_chunk):
+    """The chunked, recomputing reference equals the dense formula, forward and every gradient."""
+    q, k, v, logits = make_inputs(B, H, Q, K, D, density)
+    grad_out = torch.randn(B, H, Q, D, dtype=torch.float64)
+    actual = grads(lambda *a: masked_cross_attention_ref(*a, query_chunk=query_chunk), q, k, v, logits, grad_out)
+    expected = grads(dense_formula, q, k, v, logits, grad_out)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert_close(a, e, rtol=1e-10, atol=1e-10, name=name)
+
+
+def test_ref_memory_below_dense_composition():
+    """With grad, the reference's peak (CPU allocator, via the profiler) stays below one B x H x Q x K
+    score tensor and below SDPA with the mask expanded per head. Sizes chosen so the scores dominate."""
+    B, H, Q, K, D = 1, 4, 96, 2048, 8
+    q, k, v, logits = [t.float() for t in make_inputs(B, H, Q, K, D, density=0.3)]
+    for t in (q, k, v):
+        t.requires_grad_()
+    scores_bytes = B * H * Q * K * 4
+
+    def step(fn):
+        return lambda: fn(q, k, v, logits).sum().backward()
+
+    ref_peak = cpu_peak_bytes(step(lambda *a: masked_cross_attention_ref(*a, query_chunk=8)))
+    dense_peak = cpu_peak_bytes(step(sdpa_dense))
+    print(f"peak: reference {ref_peak / 2**20:.2f} MiB, dense-mask SDPA {dense_peak / 2**20:.2f} MiB, "
+          f"scores {scores_bytes / 2**20:.2f} MiB")
+    assert 0 < ref_peak < scores_bytes
+    assert ref_peak < dense_peak
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels against the float64 reference.
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS), ids=list(TUNINGS))
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("B,H,Q,K,D", SHAPES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_fp32_parity(device, B, H, Q, K, D, density, tuning):
+    dev = _device_or_skip(device)
+    q, k, v, logits = make_inputs(B, H, Q, K, D, density, dtype=torch.float32)
+    grad_out = torch.randn(B, H, Q, D, dtype=torch.float64)
+    expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
+    actual = grads(_kernel(TUNINGS[tuning]), *(t.to(dev, torch.float32) for t in (q, k, v, logits)),
+                   grad_out.to(dev, torch.float32))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS), ids=list(TUNINGS))
+@pytest.mark.parametrize("B,H,Q,K,D", [SHAPES[0], SHAPES[1]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_low_precision_parity(device, dtype, B, H, Q, K, D, tuning):
+    """bf16/fp16: the kernel's error against float64 is at most twice what the torch reference itself
+    loses in that dtype (plus a small floor for elements torch happens to get exact)."""
+    dev = _device_or_skip(device)
+    q, k, v, logits = make_inputs(B, H, Q, K, D, 0.3, dtype=dtype)
+    q, k, v = [t.to(dtype).double() for t in (q, k, v)]  # exactly representable in dtype
+    grad_out = torch.randn(B, H, Q, D, dtype=torch.float64).to(dtype).double()
+    expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
+    lowp = [t.to(dev, dtype) for t in (q, k, v, logits, grad_out)]
+    torch_lowp = grads(masked_cross_attention_ref, *lowp)
+    actual = grads(_kernel(TUNINGS[tuning]), *lowp)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), actual, torch_lowp, expected):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        kernel_err = (a.double().cpu() - e).abs().max().item()
+        torch_err = (t.double().cpu() - e).abs().max().item()
+        print(f"{name}: kernel err {kernel_err:.3e}, torch {dtype} err {torch_err:.3e}")
+        assert kernel_err <= 2 * torch_err + 1e-3, f"{name}: kernel err {kernel_err:.3e} > 2 x torch {torch_err:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_decoder_shape_gpu(dtype):
+    """Decoder-sized case on the GPU with the automatic block and split choice (K = 64 x 64 + 3)."""
+    dev = _device_or_skip("cuda")
+    B, H, Q, K, D = 2, 8, 200, 64 * 64 + 3, 32
+    q, k, v, logits = make_inputs(B, H, Q, K, D, 0.2, dtype=dtype, device=dev)
+    grad_out = torch.randn(B, H, Q, D, dtype=torch.float64, device=dev)
+    expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
+    actual = grads(lambda *a: masked_cross_attention(*a, backend="triton"),
+                   *(t.to(dtype) for t in (q, k, v)), logits, grad_out.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert_close(a, e, rtol=tol, atol=tol, name=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_strided_inputs(device):
+    """Non-contiguous q (B x Q x H x D transposed, as a decoder produces it), k, v and logits."""
+    dev = _device_or_skip(device)
+    B, H, Q, K, D = 2, 2, 19, 41, 32
+    q, k, v, logits = make_inputs(B, H, Q, K, D, 0.3, dtype=torch.float32)
+    q_s = q.float().transpose(1, 2).contiguous().transpose(1, 2)
+    k_s = k.float().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    v_s = torch.cat([v.float(), v.float()], dim=-1)[..., :D]
+    logits_s = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q_s, k_s, v_s, logits_s))
+    grad_out = torch.randn(B, H, Q, D, dtype=torch.float64)
+    expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
+    actual = grads(lambda *a: masked_cross_attention(*a, backend="triton"),
+                   *(t.to(dev) for t in (q_s, k_s, v_s, logits_s)), grad_out.float().to(dev))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch, custom op, validation.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_triton_matches_reference():
+    """backend="triton" goes through the custom op and its registered autograd."""
+    _device_or_skip("cpu")
+    q, k, v, logits = make_inputs(1, 2, 23, 45, 32, 0.2, dtype=torch.float32)
+    grad_out = torch.randn(1, 2, 23, 32, dtype=torch.float64)
+    expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
+    actual = grads(lambda *a: masked_cross_attention(*a, backend="triton"),
+                   q.float(), k.float(), v.float(), logits, grad_out.float())
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+
+
+def test_custom_op_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the Triton custom op."""
+    _device_or_skip("cpu")
+    q, k, v, logits = [t.float() for t in make_inputs(1, 2, 9, 18, 32, 0.4)]
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.cropformer.masked_cross_attention_fwd.default, (q, k, v, logits),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_auto_on_cpu_picks_reference(monkeypatch):
+    """auto never picks the Triton interpreter on CPU, even with TRITON_INTERPRET=1."""
+    chosen = []
+
+    def spy(*args, **kwargs):
+        chosen.append(ma_resolve(*args, **kwargs))
+        return chosen[-1]
+
+    ma_resolve = ma.resolve
+    monkeypatch.setattr(ma, "resolve", spy)
+    q, k, v, logits = [t.float() for t in make_inputs(1, 2, 5, 7, 32, 0.5)]
+    out = masked_cross_attention(q, k, v, logits)
+    assert chosen == ["torch"]
+    assert torch.equal(out, masked_cross_attention_ref(q, k, v, logits))
+
+
+def test_unavailable_backend_raises():
+    q, k, v, logits = [t.float() for t in make_inputs(1, 1, 3, 4, 32, 0.5)]
+    with pytest.raises(RuntimeError, match="not implemented"):
+        masked_cross_attention(q, k, v, logits, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        masked_cross_attention(q, k, v, logits, backend="fast")
+    with pytest.raises(RuntimeError, match="not available"):
+        masked_cross_attention(q.double(), k.double(), v.double(), logits, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_queries(backend):
+    if backend == "triton":
+        _device_or_skip("cpu")
+    q, k, v, logits = [t.float() for t in make_inputs(2, 2, 0, 5, 32, 0.5)]
+    out = masked_cross_attention(q, k, v, logits, backend=backend)
+    assert out.shape == (2, 2, 0, 32)
+
+
+def _bad(**changes):
+    """Valid inputs (B=2, H=3, Q=5, K=7, D=32) with some replaced."""
+    inputs = dict(q=torch.randn(2, 3, 5, 32), k=torch.randn(2, 3, 7, 32), v=torch.randn(2, 3, 7, 32),
+                  mask_logits=torch.randn(2, 5, 7))
+    inputs.update(changes)
+    return inputs
+
+
+BAD_INPUTS = {
+    "k batch": (_bad(k=torch.randn(1, 3, 7, 32)), ValueError, "k has shape"),
+    "k heads": (_bad(k=torch.randn(2, 4, 7, 32)), ValueError, "k has shape"),
+    "k head dim": (_bad(k=torch.randn(2, 3, 7, 16)), ValueError, "k has shape"),
+    "v keys": (_bad(v=torch.randn(2, 3, 8, 32)), ValueError, "v has shape"),
+    "v head dim": (_bad(v=torch.randn(2, 3, 7, 64)), ValueError, "v has shape"),
+    "mask keys": (_bad(mask_logits=torch.randn(2, 5, 8)), ValueError, "mask_logits has shape"),
+    "mask queries": (_bad(mask_logits=torch.randn(2, 6, 7)), ValueError, "mask_logits has shape"),
+    "mask batch": (_bad(mask_logits=torch.randn(1, 5, 7)), ValueError, "mask_logits has shape"),
+    "mask per head": (_bad(mask_logits=torch.randn(2, 3, 5, 7)), ValueError, "mask_logits must have 3 dims"),
+    "q 3d": (_bad(q=torch.randn(2, 5, 32)), ValueError, "q must have 4 dims"),
+    "no keys": (_bad(k=torch.randn(2, 3, 0, 32), v=torch.randn(2, 3, 0, 32), mask_logits=torch.randn(2, 5, 0)),
+                ValueError, "at least one key"),
+    "dtype mix": (_bad(k=torch.randn(2, 3, 7, 32, dtype=torch.float64)), TypeError, "one floating dtype"),
+    "bool mask": (_bad(mask_logits=torch.ones(2, 5, 7, dtype=torch.bool)), TypeError, "floating point logits"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise(case, backend):
+    inputs, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        masked_cross_attention(**inputs, backend=backend)
