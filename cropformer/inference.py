@@ -1,0 +1,224 @@
+"""Inference: the crop ensemble of SPEC.md section 5 and a segment-anything-shaped API.
+
+    seg = Segmenter.from_checkpoint("model_final.safetensors", device="cpu")
+    records = seg.generate(rgb_uint8)     # [{"segmentation", "area", "bbox", "predicted_iou", ...}]
+
+Input images are RGB uint8 H x W x 3 (the original's demo takes BGR; we do not).
+
+Modes (paper Table 7):
+    full_crops  full image + 4 corner crops through the batch decoder, fused (CropFormer default)
+    full_batch  full image alone through the batch decoder
+    full_image  full image alone through the image decoder
+    crops       the 4 corner crops alone through the batch decoder (the first crop stands in for the
+                full view as the association module's query)
+    single      Mask2Former baseline: image decoder, top-100 queries by class score
+
+Views of all images in a call are batched together when their padded sizes agree, so any batch size
+gives the results of batch 1 (images of different padded sizes run in separate forwards).
+Default output (ours): non-empty entities with area >= min_area and score >= score_threshold, scores
+class x mean fused probability. `score_mode="original"` plus `keep_empty=True` gives the original's
+output (all queries, double-sigmoid scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model_weights, read_weights
+from .config import Config, load_config
+from .data.decode import DecodedImage
+from .data.views import build_sample, plan_views
+from .modeling.build import build_model
+from .ops.paste import paste_entities
+from .ops.rle import id_map_to_rle
+
+MODES = ("full_crops", "full_batch", "full_image", "crops", "single")
+_CORNERS = {"full_crops": (0, 1, 2, 3), "full_batch": (), "full_image": (), "crops": (0, 1, 2, 3), "single": ()}
+
+
+@dataclass
+class Entities:
+    """Result for one image: id_map H x W int32 (0 = none, k = entities[k-1]) and per-entity arrays."""
+
+    id_map: np.ndarray
+    scores: np.ndarray  # n float32
+    areas: np.ndarray  # n int64
+    queries: np.ndarray  # n int64, the query each entity came from
+
+
+class Segmenter:
+    """Segment every entity of RGB images with a CropFormer or Mask2Former-baseline model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Config,
+        *,
+        mode: str | None = None,
+        score_mode: str | None = None,
+        mask_threshold: float | None = None,
+        min_area: int | None = None,
+        score_threshold: float | None = None,
+        keep_empty: bool = False,
+        top_k: int = 100,
+        paste_backend: str = "auto",
+    ):
+        self.model = model.eval()
+        self.cfg = cfg
+        t = cfg.test
+        self.mode = mode or (t.mode if model.is_cropformer else "single")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "single" and self.mode != "full_image" and not model.is_cropformer:
+            raise ValueError(f"mode {self.mode!r} needs a CropFormer model; this is a Mask2Former baseline (use 'single')")
+        self.score_mode = score_mode or t.score_mode
+        self.mask_threshold = t.mask_threshold if mask_threshold is None else mask_threshold
+        self.min_area = t.min_area if min_area is None else min_area
+        self.score_threshold = t.score_threshold if score_threshold is None else score_threshold
+        self.keep_empty = keep_empty
+        self.top_k = top_k
+        self.paste_backend = paste_backend
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, cfg: Config | str | None = None, device: str = "cpu", **options) -> Segmenter:
+        """Load our exported weights, a training checkpoint or an official checkpoint.
+
+        The config comes from the checkpoint when it stores one; otherwise pass `cfg` (a Config, or a
+        config file/name such as "cropformer_swin_tiny_3x").
+        """
+        state, stored = read_weights(path)
+        if isinstance(cfg, str):
+            cfg = load_config(cfg)
+        cfg = cfg or stored
+        if cfg is None:
+            raise ValueError(f"{path} stores no config: pass cfg= (e.g. 'cropformer_swin_tiny_3x')")
+        model = build_model(cfg.model)
+        load_model_weights(model, state, source=str(path), strict=True)
+        return cls(model.to(device), cfg, **options)
+
+    # ----------------------------------------------------------------------------------------------
+    def plan(self, height: int, width: int):
+        """The views this segmenter runs for an image of that size (`plan.needed_scale()` tells how
+        far a JPEG may be decoded at reduced resolution, see `cropformer.data.decode`)."""
+        i = self.cfg.input
+        return plan_views(height, width, short_side=i.min_size_test, max_size=i.max_size_test,
+                          corners=_CORNERS[self.mode], ratio=i.crop_ratio)
+
+    def _views(self, image: np.ndarray | DecodedImage) -> dict:
+        if isinstance(image, DecodedImage):
+            H, W = image.height, image.width
+        else:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image.shape} {image.dtype}")
+            H, W = image.shape[:2]
+        sample = build_sample(image, self.plan(H, W))
+        if self.mode == "crops":  # drop the full view
+            sample["images"] = sample["images"][1:]
+            sample["image_sizes"] = sample["image_sizes"][1:]
+            sample["crop_boxes"] = sample["crop_boxes"][1:]
+        return sample
+
+    @staticmethod
+    def _padded_size(sample: dict, stride: int) -> tuple[int, int]:
+        h = max(int(s[0]) for s in sample["image_sizes"])
+        w = max(int(s[1]) for s in sample["image_sizes"])
+        return -(-h // stride) * stride, -(-w // stride) * stride
+
+    @torch.no_grad()
+    def segment_batch(self, images: list[np.ndarray | DecodedImage]) -> list[Entities]:
+        """Segment several images (RGB uint8 arrays, or `decode_image` results, possibly decoded at
+        reduced resolution); views of images with the same padded size share one forward."""
+        samples = [self._views(im) for im in images]
+        stride = self.model.size_divisibility
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(self._padded_size(s, stride), []).append(i)
+        results: list[Entities | None] = [None] * len(images)
+        for (Hp, Wp), idx in groups.items():
+            T = len(samples[idx[0]]["images"])
+            batch = torch.zeros(len(idx), T, 3, Hp, Wp, dtype=torch.uint8)
+            for b, i in enumerate(idx):
+                for t, v in enumerate(samples[i]["images"]):
+                    batch[b, t, :, : v.shape[1], : v.shape[2]] = v
+            sizes = torch.stack([samples[i]["image_sizes"] for i in idx])
+            use_batch = self.mode in ("full_crops", "full_batch", "crops")
+            out = self.model(batch.to(self.device), sizes.to(self.device), run_batch_decoder=use_batch)
+            for b, i in enumerate(idx):
+                results[i] = self._fuse(out, b, T, samples[i])
+        return results
+
+    def segment(self, image: np.ndarray) -> Entities:
+        return self.segment_batch([image])[0]
+
+    def _fuse(self, out: dict, b: int, T: int, sample: dict) -> Entities:
+        if self.mode in ("full_crops", "full_batch", "crops"):
+            logits = out["batch"]["pred_logits"][b]  # Q x 2
+            view_logits = out["batch"]["pred_masks"][b].transpose(0, 1)  # V x Q x h x w
+        else:
+            logits = out["image"]["pred_logits"][b * T]
+            view_logits = out["image"]["pred_masks"][b * T : b * T + 1]
+        class_scores = logits.float().softmax(-1)[:, 0]
+        queries = torch.arange(class_scores.numel(), device=class_scores.device)
+        if self.mode == "single" and class_scores.numel() > self.top_k:
+            queries = class_scores.topk(self.top_k).indices.sort().values
+            class_scores, view_logits = class_scores[queries], view_logits[:, queries]
+        H, W = (int(v) for v in sample["orig_size"])
+        id_map, scores, areas = paste_entities(
+            view_logits.float(), sample["image_sizes"], sample["crop_boxes"].round().long(), class_scores, (H, W),
+            mask_threshold=self.mask_threshold, score_mode=self.score_mode, backend=self.paste_backend,
+        )
+        id_map, scores, areas = id_map.cpu().numpy(), scores.cpu().numpy(), areas.cpu().numpy()
+        queries = queries.cpu().numpy()
+        if self.keep_empty:
+            order = np.argsort(-class_scores.cpu().numpy(), kind="stable")
+        else:
+            keep = (areas > 0) & (areas >= self.min_area) & (scores >= self.score_threshold)
+            order = np.nonzero(keep)[0]
+            order = order[np.argsort(-scores[order], kind="stable")]
+        # Renumber: entity k (1-based) in the id map = k-th kept query, by descending score.
+        lut = np.zeros(len(scores) + 1, dtype=np.int32)
+        lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
+        return Entities(lut[id_map], scores[order].astype(np.float32), areas[order].astype(np.int64), queries[order])
+
+    # ----------------------------------------------------------------------------------------------
+    def generate(self, image: np.ndarray, output_mode: str = "coco_rle") -> list[dict]:
+        """segment-anything automatic-mask-generator records, one per entity, best first.
+
+        Keys: segmentation (COCO RLE dict, or H x W bool with output_mode="binary_mask"), area,
+        bbox (XYWH), predicted_iou and stability_score (both our entity score: SAM's two quality
+        numbers have no separate meaning here), point_coords ([]: no prompts), crop_box (XYWH of the
+        whole image).
+        """
+        if output_mode not in ("coco_rle", "binary_mask"):
+            raise ValueError(f"output_mode must be 'coco_rle' or 'binary_mask', got {output_mode!r}")
+        ent = self.segment(image)
+        return entity_records(ent, output_mode)
+
+
+def entity_records(ent: Entities, output_mode: str = "coco_rle") -> list[dict]:
+    """SAM-shaped records of an `Entities` result (RLE, boxes and areas in one pass over the id map)."""
+    H, W = ent.id_map.shape
+    ids = list(range(1, len(ent.scores) + 1))
+    rles, boxes, areas = id_map_to_rle(ent.id_map, ids)
+    records = []
+    for k, (rle, box, area) in enumerate(zip(rles, boxes, areas)):
+        seg = rle if output_mode == "coco_rle" else ent.id_map == k + 1
+        score = float(ent.scores[k])
+        records.append({
+            "segmentation": seg,
+            "area": int(area),
+            "bbox": [float(v) for v in box],
+            "predicted_iou": score,
+            "stability_score": score,
+            "point_coords": [],
+            "crop_box": [0.0, 0.0, float(W), float(H)],
+            "query": int(ent.queries[k]),
+        })
+    return records

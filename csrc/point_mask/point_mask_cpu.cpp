@@ -1,0 +1,259 @@
+// CPU (OpenMP) kernels of cropformer.ops.point_mask: bilinear sampling of compact masks and the
+// fused per-pair BCE + dice loss with its backward. Registered as torch.ops.cropformer_C.*.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "point_mask/point_mask.h"
+
+namespace cropformer {
+namespace point_mask {
+namespace {
+
+void check_points(const at::Tensor& points, int64_t dims, const char* name) {
+  CF_CHECK_CPU(points);
+  CF_CHECK_CONTIGUOUS(points);
+  TORCH_CHECK(points.dim() == dims && points.size(-1) == 2, name, ": points must have ", dims,
+              " dims ending in 2 (x, y), got ", points.sizes());
+  TORCH_CHECK(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble, name,
+              ": points must be float32 or float64");
+}
+
+void check_index(const at::Tensor& index, int64_t m, int64_t rows, const char* name) {
+  CF_CHECK_CPU(index);
+  CF_CHECK_CONTIGUOUS(index);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == m, name,
+              " must be int64 of shape (", m, ")");
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, name, "[", i, "] = ", idx[i], " is out of range [0, ", rows, ")");
+  }
+}
+
+// Calls f((map_t*)0) with the element type of a mask/logit tensor.
+template <typename F>
+void dispatch_map(const at::Tensor& maps, const char* name, F&& f) {
+  switch (maps.scalar_type()) {
+    case at::kByte: f((const uint8_t*)nullptr); break;
+    case at::kBool: f((const uint8_t*)nullptr); break;  // one byte, 0 or 1
+    case at::kFloat: f((const float*)nullptr); break;
+    case at::kDouble: f((const double*)nullptr); break;
+    default: TORCH_CHECK(false, name, ": maps must be uint8, bool, float32 or float64, got ", maps.scalar_type());
+  }
+}
+
+// maps: K x T x H x W (any strides), points: P x 2 -> K x T x P samples in the points' dtype.
+at::Tensor sample_shared_cpu(const at::Tensor& maps, const at::Tensor& points) {
+  CF_CHECK_CPU(maps);
+  TORCH_CHECK(maps.dim() == 4, "point_mask_sample_shared: maps must be K x T x H x W, got ", maps.sizes());
+  check_points(points, 2, "point_mask_sample_shared");
+  const int64_t K = maps.size(0), T = maps.size(1), H = maps.size(2), W = maps.size(3), P = points.size(0);
+  auto out = at::empty({K, T, P}, points.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "point_mask_sample_shared", [&] {
+    // the taps depend only on the point and the map strides: compute them once for all maps
+    std::vector<Taps<scalar_t>> taps(P);
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      bilinear_taps<scalar_t>(pts[2 * p], pts[2 * p + 1], H, W, maps.stride(2), maps.stride(3), taps[p]);
+    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t sK = maps.stride(0), sT = maps.stride(1);
+    dispatch_map(maps, "point_mask_sample_shared", [&](auto tag) {
+      using map_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      const map_t* base = (const map_t*)maps.data_ptr();
+      at::parallel_for(0, K * T, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t kt = begin; kt < end; ++kt) {
+          const map_t* map = base + (kt / T) * sK + (kt % T) * sT;
+          scalar_t* row = o + kt * P;
+          for (int64_t p = 0; p < P; ++p) row[p] = sample<scalar_t, map_t>(map, taps[p]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// maps: K x h x w contiguous float, index: M, points: M x S x 2 -> M x S samples of row index[m].
+at::Tensor sample_rows_cpu(const at::Tensor& maps, const at::Tensor& index, const at::Tensor& points) {
+  CF_CHECK_CPU(maps);
+  CF_CHECK_CONTIGUOUS(maps);
+  TORCH_CHECK(maps.dim() == 3, "point_mask_sample_rows: maps must be K x h x w, got ", maps.sizes());
+  check_points(points, 3, "point_mask_sample_rows");
+  TORCH_CHECK(maps.scalar_type() == points.scalar_type(), "point_mask_sample_rows: maps and points must have one dtype");
+  const int64_t K = maps.size(0), h = maps.size(1), w = maps.size(2), M = points.size(0), S = points.size(1);
+  check_index(index, M, K, "point_mask_sample_rows: index");
+  auto out = at::empty({M, S}, points.options());
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "point_mask_sample_rows", [&] {
+    const scalar_t* base = maps.data_ptr<scalar_t>();
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    const int64_t* idx = index.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M * S, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        Taps<scalar_t> taps;
+        bilinear_taps<scalar_t>(pts[2 * i], pts[2 * i + 1], h, w, w, 1, taps);
+        o[i] = sample<scalar_t, scalar_t>(base + idx[i / S] * h * w, taps);
+      }
+    });
+  });
+  return out;
+}
+
+// Fused forward: per pair m, x = pred[pred_index[m]] and t = gt[gt_index[m]] (zero if not
+// gt_valid[m]) at the pair's P points; returns (bce M, dice M, x M x P, t M x P).
+std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& gt, const at::Tensor& points,
+                                     const at::Tensor& pred_index, const at::Tensor& gt_index,
+                                     const at::Tensor& gt_valid) {
+  CF_CHECK_CPU(pred);
+  CF_CHECK_CONTIGUOUS(pred);
+  CF_CHECK_CPU(gt);
+  TORCH_CHECK(pred.dim() == 3, "point_mask_loss_fwd: pred must be K x h x w, got ", pred.sizes());
+  TORCH_CHECK(gt.dim() == 3, "point_mask_loss_fwd: gt must be K' x H x W, got ", gt.sizes());
+  check_points(points, 3, "point_mask_loss_fwd");
+  TORCH_CHECK(pred.scalar_type() == points.scalar_type(), "point_mask_loss_fwd: pred and points must have one dtype");
+  const int64_t M = points.size(0), P = points.size(1);
+  const int64_t h = pred.size(1), w = pred.size(2), H = gt.size(1), W = gt.size(2);
+  check_index(pred_index, M, pred.size(0), "point_mask_loss_fwd: pred_index");
+  check_index(gt_index, M, gt.size(0), "point_mask_loss_fwd: gt_index");
+  CF_CHECK_CPU(gt_valid);
+  CF_CHECK_CONTIGUOUS(gt_valid);
+  TORCH_CHECK(gt_valid.scalar_type() == at::kByte && gt_valid.numel() == M, "point_mask_loss_fwd: gt_valid must be uint8 (", M, ")");
+  auto bce = at::empty({M}, pred.options());
+  auto dice = at::empty({M}, pred.options());
+  auto xs = at::empty({M, P}, pred.options());
+  auto ts = at::empty({M, P}, pred.options());
+  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "point_mask_loss_fwd", [&] {
+    const scalar_t* pbase = pred.data_ptr<scalar_t>();
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    const int64_t* pidx = pred_index.data_ptr<int64_t>();
+    const int64_t* gidx = gt_index.data_ptr<int64_t>();
+    const uint8_t* valid = gt_valid.data_ptr<uint8_t>();
+    scalar_t* xo = xs.data_ptr<scalar_t>();
+    scalar_t* to = ts.data_ptr<scalar_t>();
+    scalar_t* bo = bce.data_ptr<scalar_t>();
+    scalar_t* dout = dice.data_ptr<scalar_t>();
+    const int64_t sK = gt.stride(0), sH = gt.stride(1), sW = gt.stride(2);
+    dispatch_map(gt, "point_mask_loss_fwd", [&](auto tag) {
+      using map_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      const map_t* gbase = (const map_t*)gt.data_ptr();
+      at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const scalar_t* pmap = pbase + pidx[m] * h * w;
+          const map_t* gmap = gbase + gidx[m] * sK;
+          const bool ok = valid[m] != 0;
+          double bce_sum = 0, st = 0, s_sum = 0, t_sum = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t px = pts[(m * P + p) * 2], py = pts[(m * P + p) * 2 + 1];
+            Taps<scalar_t> taps;
+            bilinear_taps<scalar_t>(px, py, h, w, w, 1, taps);
+            const scalar_t x = sample<scalar_t, scalar_t>(pmap, taps);
+            scalar_t t = scalar_t(0);
+            if (ok) {
+              bilinear_taps<scalar_t>(px, py, H, W, sH, sW, taps);
+              t = sample<scalar_t, map_t>(gmap, taps);
+            }
+            const scalar_t s = sigmoid(x);
+            bce_sum += bce_with_logits(x, t);
+            st += double(s) * double(t);
+            s_sum += s;
+            t_sum += t;
+            xo[m * P + p] = x;
+            to[m * P + p] = t;
+          }
+          bo[m] = scalar_t(bce_sum / double(P));
+          dout[m] = scalar_t(1.0 - (2.0 * st + 1.0) / (s_sum + t_sum + 1.0));
+        }
+      });
+    });
+  });
+  return {bce, dice, xs, ts};
+}
+
+// Backward of loss_fwd w.r.t. pred: scatters each point's gradient into its 4 neighbours of row
+// pred_index[m]. Pairs sharing a row are handled by one thread, so no two threads write one row.
+at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice, const at::Tensor& points,
+                        const at::Tensor& pred_index, const at::Tensor& xs, const at::Tensor& ts,
+                        at::IntArrayRef pred_shape) {
+  check_points(points, 3, "point_mask_loss_bwd");
+  TORCH_CHECK(pred_shape.size() == 3, "point_mask_loss_bwd: pred_shape must be (K, h, w)");
+  const int64_t M = points.size(0), P = points.size(1);
+  const int64_t K = pred_shape[0], h = pred_shape[1], w = pred_shape[2];
+  check_index(pred_index, M, K, "point_mask_loss_bwd: pred_index");
+  for (const auto* t : {&grad_bce, &grad_dice, &xs, &ts}) {
+    CF_CHECK_CPU(*t);
+    CF_CHECK_CONTIGUOUS(*t);
+    TORCH_CHECK(t->scalar_type() == points.scalar_type(), "point_mask_loss_bwd: all inputs must share one dtype");
+  }
+  auto grad = at::zeros({K, h, w}, xs.options());
+  // group the pairs by prediction row (stable: pairs of a row keep their order)
+  const int64_t* pidx = pred_index.data_ptr<int64_t>();
+  std::vector<int64_t> order(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pidx[a] < pidx[b]; });
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < M; ++i) {
+    if (i == 0 || pidx[order[i]] != pidx[order[i - 1]]) starts.push_back(i);
+  }
+  starts.push_back(M);
+  const int64_t groups = (int64_t)starts.size() - 1;
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "point_mask_loss_bwd", [&] {
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    const scalar_t* x = xs.data_ptr<scalar_t>();
+    const scalar_t* t = ts.data_ptr<scalar_t>();
+    const scalar_t* gb = grad_bce.data_ptr<scalar_t>();
+    const scalar_t* gd = grad_dice.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t grp = begin; grp < end; ++grp) {
+        for (int64_t i = starts[grp]; i < starts[grp + 1]; ++i) {
+          const int64_t m = order[i];
+          const scalar_t* xm = x + m * P;
+          const scalar_t* tm = t + m * P;
+          double st = 0, s_sum = 0, t_sum = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            const double s = sigmoid(xm[p]);
+            st += s * double(tm[p]);
+            s_sum += s;
+            t_sum += tm[p];
+          }
+          const double numer = 2.0 * st + 1.0, denom = s_sum + t_sum + 1.0;
+          const double g_bce = double(gb[m]) / double(P), g_dice = double(gd[m]);
+          scalar_t* gmap = g + pidx[m] * h * w;
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t gx = loss_grad<scalar_t, double>(xm[p], tm[p], g_bce, g_dice, numer, denom);
+            Taps<scalar_t> taps;
+            bilinear_taps<scalar_t>(pts[(m * P + p) * 2], pts[(m * P + p) * 2 + 1], h, w, w, 1, taps);
+            for (int k = 0; k < 4; ++k) {
+              if (taps.w[k] != scalar_t(0)) gmap[taps.off[k]] += gx * taps.w[k];
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace point_mask
+}  // namespace cropformer
+
+TORCH_LIBRARY_FRAGMENT(cropformer_C, m) {
+  m.def("point_mask_sample_shared(Tensor maps, Tensor points) -> Tensor");
+  m.def("point_mask_sample_rows(Tensor maps, Tensor index, Tensor points) -> Tensor");
+  m.def(
+      "point_mask_loss_fwd(Tensor pred, Tensor gt, Tensor points, Tensor pred_index, Tensor gt_index, "
+      "Tensor gt_valid) -> Tensor[]");
+  m.def(
+      "point_mask_loss_bwd(Tensor grad_bce, Tensor grad_dice, Tensor points, Tensor pred_index, Tensor x, "
+      "Tensor t, int[] pred_shape) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cropformer_C, CPU, m) {
+  m.impl("point_mask_sample_shared", &cropformer::point_mask::sample_shared_cpu);
+  m.impl("point_mask_sample_rows", &cropformer::point_mask::sample_rows_cpu);
+  m.impl("point_mask_loss_fwd", &cropformer::point_mask::loss_fwd_cpu);
+  m.impl("point_mask_loss_bwd", &cropformer::point_mask::loss_bwd_cpu);
+}
