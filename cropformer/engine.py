@@ -102,6 +102,29 @@ def train_one_iter(model, criterion, optimizer, scheduler, scaler, batch, cfg: C
     return {"losses": values, "total_loss": float(total.detach()), "grad_norm": float(grad_norm), "lr": lr}
 
 
+def make_train_loader(cfg: Config, *, rank: int, world_size: int, start_iter: int):
+    """The training stream of this rank: deterministic for a seed, resumable at `start_iter`."""
+    from .data.dataset import EntityDataset, build_train_loader
+
+    if not cfg.data.train_json or not cfg.data.train_images:
+        raise ValueError("no training data: set data.train_json and data.train_images (config or --set)")
+    if cfg.solver.ims_per_batch % world_size:
+        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world_size} processes")
+    cropformer = cfg.model.meta_architecture == "cropformer"
+    dataset = EntityDataset(
+        cfg.data.train_json, cfg.data.train_images, train=True,
+        short_sides=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
+        flip_prob=0.5 if cfg.input.random_flip == "horizontal" else 0.0,
+        crop_ratio=cfg.input.crop_ratio, num_train_crops=cfg.input.crop_sample_num_train if cropformer else 0,
+        filter_empty=cfg.data.filter_empty, on_bad_image=cfg.data.on_bad_image, seed=cfg.seed,
+    )
+    return build_train_loader(
+        dataset, batch_size=cfg.solver.ims_per_batch // world_size, num_workers=cfg.data.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world_size, start_iter=start_iter,
+        size_divisibility=cfg.model.size_divisibility,
+    )
+
+
 def _checkpoint_payload(model, optimizer, scheduler, scaler, iteration: int, cfg: Config) -> dict:
     rng = dist_utils.all_gather_objects(rng_state())  # every rank's RNG, so a resume is exact
     return {
@@ -134,8 +157,6 @@ def train(
         evaluate_fn: called as evaluate_fn(model, iteration) at test.eval_period and at the end.
         stop_after: stop (after checkpointing) once this iteration is reached, as if interrupted.
     """
-    from .data import build_train_loader
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local_rank = dist_utils.init_distributed(dev.type)
     if dev.type == "cuda":
@@ -182,7 +203,7 @@ def train(
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     model.train()
-    loader = build_train_loader(cfg, rank=rank, world_size=world, start_iter=start_iter)
+    loader = make_train_loader(cfg, rank=rank, world_size=world, start_iter=start_iter)
     metrics_path = out_dir / "metrics.jsonl"
     history = _read_history(metrics_path, start_iter) if rank == 0 else {}
     progress = Progress(cfg.solver.max_iter, "train", start=start_iter, enabled=rank == 0)

@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import load_model_weights, read_weights
 from .config import Config, load_config
+from .data.dataset import collate
 from .data.decode import DecodedImage
 from .data.views import build_sample, plan_views
 from .modeling.build import build_model
@@ -141,15 +142,11 @@ class Segmenter:
         for i, s in enumerate(samples):
             groups.setdefault(self._padded_size(s, stride), []).append(i)
         results: list[Entities | None] = [None] * len(images)
-        for (Hp, Wp), idx in groups.items():
+        for idx in groups.values():
             T = len(samples[idx[0]]["images"])
-            batch = torch.zeros(len(idx), T, 3, Hp, Wp, dtype=torch.uint8)
-            for b, i in enumerate(idx):
-                for t, v in enumerate(samples[i]["images"]):
-                    batch[b, t, :, : v.shape[1], : v.shape[2]] = v
-            sizes = torch.stack([samples[i]["image_sizes"] for i in idx])
+            batch = collate([samples[i] for i in idx], size_divisibility=stride)
             use_batch = self.mode in ("full_crops", "full_batch", "crops")
-            out = self.model(batch.to(self.device), sizes.to(self.device), run_batch_decoder=use_batch)
+            out = self.model(batch["images"].to(self.device), batch["image_sizes"].to(self.device), run_batch_decoder=use_batch)
             for b, i in enumerate(idx):
                 results[i] = self._fuse(out, b, T, samples[i])
         return results

@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .decode import ImageDecodeError, decode_image
-from .views import build_sample, draw_train_plan, test_plan
+from .views import build_sample, draw_train_plan, inference_plan
 
 logger = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ class EntityDataset(Dataset):
             return draw_train_plan(height, width, rng, short_sides=self.short_sides, max_size=self.max_size,
                                    flip_prob=self.flip_prob, num_crops=self.num_train_crops,
                                    ratio=self.crop_ratio)
-        return test_plan(height, width, short_side=self.short_sides[0], max_size=self.max_size,
+        return inference_plan(height, width, short_side=self.short_sides[0], max_size=self.max_size,
                          ratio=self.crop_ratio)
 
     def _load(self, index: int, rng: np.random.Generator) -> dict:

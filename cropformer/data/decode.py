@@ -202,8 +202,8 @@ def _decode_pil(path: str, data: bytes, info: ImageInfo, reduction: int) -> tupl
         try:
             if reduction > 1 and info.format == "JPEG":
                 raw_w, raw_h = im.size
-                # draft() picks the largest DCT scale keeping at least the requested size.
-                im.draft(im.mode, (math.ceil(raw_w / reduction), math.ceil(raw_h / reduction)))
+                # draft() picks the largest DCT scale s with size // s >= the requested size.
+                im.draft(im.mode, (max(1, raw_w // reduction), max(1, raw_h // reduction)))
                 reduction = next(
                     (r for r in (8, 4, 2) if im.size == (math.ceil(raw_w / r), math.ceil(raw_h / r))), 1
                 )

@@ -34,7 +34,7 @@ __all__ = ["make_synthetic_image", "labels_to_rles", "make_synthetic_dataset", "
 
 def _pick_colour(rng: np.random.Generator, used: list[np.ndarray]) -> np.ndarray:
     """The farthest (in RGB) of a few random candidates from the colours used so far."""
-    cand = rng.integers(20, 236, size=(12, 3)).astype(np.float32)
+    cand = rng.integers(30, 226, size=(12, 3)).astype(np.float32)
     if not used:
         return cand[0]
     dist = np.linalg.norm(cand[:, None, :] - np.stack(used)[None], axis=2).min(1)
@@ -122,19 +122,21 @@ def make_synthetic_image(
     used: list[np.ndarray] = []
     for _ in range(n):
         used.append(_pick_colour(rng, used))
-    colours = np.stack(used)  # n x 3
-    image = colours[labels]  # H x W x 3 float32
+    colours = np.stack(used).astype(np.int16)  # n x 3, in [30, 225]
+    # Texture (amplitude <= 16) plus noise (clipped to +-9) stays within [0, 255] for those colours, so
+    # no clipping pass over the full image is needed.
     kind = rng.integers(0, 3, size=n)
-    amp = rng.uniform(6, 16, size=n).astype(np.float32)
-    period = (rng.uniform(0.02, 0.06, size=n) * side).astype(np.float32)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    k, a, p = kind[labels], amp[labels], period[labels]
-    stripes = np.sin((xx + 0.5 * yy) * (2 * math.pi) / p)
-    checker = ((np.floor(xx / p) + np.floor(yy / p)) % 2) * 2 - 1
-    texture = np.where(k == 1, stripes, np.where(k == 2, checker, 0.0)) * a
-    noise = rng.standard_normal((h, w), dtype=np.float32) * 3.0
-    image = image + (texture + noise)[:, :, None]
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8), labels
+    amp = (rng.uniform(6, 16, size=n) * (kind > 0)).astype(np.float32)
+    freq = (2 * math.pi / (rng.uniform(0.02, 0.06, size=n) * side)).astype(np.float32)
+    yy, xx = np.ogrid[0:h, 0:w]
+    f = freq[labels]
+    stripes = np.sin((xx + np.float32(0.5) * yy).astype(np.float32) * f)
+    # checker of period 2*pi/f: sign of the product of two square waves
+    checker = np.sign(np.sin(xx.astype(np.float32) * f) * np.sin(yy.astype(np.float32) * f))
+    offset = np.where((kind == 1)[labels], stripes, checker) * amp[labels]
+    offset += np.clip(rng.standard_normal((h, w), dtype=np.float32) * 3.0, -9.0, 9.0)
+    image = colours[labels] + np.rint(offset).astype(np.int16)[:, :, None]
+    return image.astype(np.uint8), labels
 
 
 def labels_to_rles(labels: np.ndarray) -> list[dict]:

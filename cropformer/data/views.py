@@ -38,7 +38,7 @@ __all__ = [
     "ViewPlan",
     "plan_views",
     "draw_train_plan",
-    "test_plan",
+    "inference_plan",
     "view_grid",
     "render_image",
     "MaskSource",
@@ -156,7 +156,7 @@ def draw_train_plan(
                       flip=flip, ratio=ratio)
 
 
-def test_plan(height: int, width: int, *, short_side: int = 800, max_size: int = 1333,
+def inference_plan(height: int, width: int, *, short_side: int = 800, max_size: int = 1333,
               ratio: float = 0.7) -> ViewPlan:
     """Inference views: the full image and all four corners, no flip."""
     return plan_views(height, width, short_side=short_side, max_size=max_size,
@@ -265,7 +265,7 @@ def build_sample(
     Args:
         decoded: the decoded image (DecodedImage, possibly reduced), or a full-resolution
             H x W x 3 uint8 RGB array.
-        plan: from `draw_train_plan` / `test_plan` / `plan_views`.
+        plan: from `draw_train_plan` / `inference_plan` / `plan_views`.
         masks: n entity masks of the original image (unflipped), or None (inference).
         boxes: n x 4 (x0, y0, x1, y1) original-pixel entity boxes for the box half of the validity
             flag; None uses the masks alone.
@@ -326,5 +326,5 @@ def build_inference_views(
         image: H x W x 3 uint8 RGB at full resolution.
     Returns the `build_sample` dict without masks (images, image_sizes, crop_boxes, orig_size, ...).
     """
-    plan = test_plan(image.shape[0], image.shape[1], short_side=short_side, max_size=max_size, ratio=ratio)
+    plan = inference_plan(image.shape[0], image.shape[1], short_side=short_side, max_size=max_size, ratio=ratio)
     return build_sample(image, plan)

@@ -3,17 +3,20 @@
 Backends behind `masked_cross_attention`:
 
 - ``torch``: `masked_cross_attention_ref`, the definition of correctness (any device and dtype).
+- ``cpu``: `F.scaled_dot_product_attention` with the B x 1 x Q x K bool mask broadcast over heads, so
+  torch's fused CPU attention kernel runs without scores or a per-head mask (any floating dtype).
 - ``triton``: `kernels/masked_attention.py`, a flash-attention kernel pair that decides the mask from
   the logits inside the kernel (GPU; CPU only under TRITON_INTERPRET=1, for tests). It is registered as
   the custom op ``torch.ops.cropformer.masked_cross_attention_fwd`` (+ ``_bwd``) with fake
   implementations, so `torch.compile` traces through it.
 
-``auto`` picks ``triton`` for fp16/bf16/fp32 CUDA tensors and the reference otherwise; on CPU it never
-picks the interpreter, which exists for tests.
+``auto`` picks ``triton`` for fp16/bf16/fp32 CUDA tensors, ``cpu`` for CPU tensors (never the Triton
+interpreter, which exists for tests) and the reference otherwise.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._dispatch import resolve, triton_usable
@@ -158,22 +161,34 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in _TRITON_DTYPES and triton_usable(device)
 
 
+def _sdpa_broadcast_mask(q, k, v, mask_logits):
+    """CPU fast path: SDPA with the B x 1 x Q x K "may attend" mask, broadcast over heads."""
+    allowed = ~attention_block_mask(mask_logits.detach()).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
 def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     """Masked cross-attention; see `masked_cross_attention_ref` for shapes and semantics.
 
     Args:
-        backend: "auto" (Triton for fp16/bf16/fp32 CUDA tensors, else the reference), "torch" or
-            "triton". An explicit backend that cannot run raises a RuntimeError.
+        backend: "auto" (Triton for fp16/bf16/fp32 CUDA tensors, "cpu" for CPU tensors, else the
+            reference), "torch", "triton" or "cpu". An explicit backend that cannot run raises a
+            RuntimeError.
     Returns:
         B x H x Q x D in q's dtype; gradients for q, k, v, none for mask_logits.
     """
     _check_inputs(q, k, v, mask_logits)
-    preference = [("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits")]
+    preference = [
+        ("cpu", lambda device, dtype: device.type == "cpu", "SDPA with the mask broadcast over heads"),
+        ("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits"),
+    ]
     if backend == "auto" and q.device.type != "cuda":
-        preference = []  # the Triton interpreter is for tests, never a default
+        preference = preference[:1]  # the Triton interpreter is for tests, never a default
     choice = resolve("masked_cross_attention", backend, q.device, q.dtype, preference)
     if choice == "triton":
         if q.shape[2] == 0:
             return q.new_empty(q.shape)
         return torch.ops.cropformer.masked_cross_attention_fwd(q, k, v, mask_logits)[0]
+    if choice == "cpu":
+        return _sdpa_broadcast_mask(q, k, v, mask_logits)
     return masked_cross_attention_ref(q, k, v, mask_logits)

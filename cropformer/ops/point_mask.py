@@ -335,6 +335,23 @@ def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=
 # sample_uncertain_points
 
 
+def _sample_candidates(logits, index, candidates, backend):
+    """M x S float32 logits at the candidate points (no gradient)."""
+    choice = resolve(
+        "sample_uncertain_points",
+        backend,
+        logits.device,
+        logits.dtype,
+        (("cpu", _cpu_ok("point_mask_sample_rows"), "C++ sampling of the rows in place"),),
+    )
+    if choice == "cpu":
+        m = candidates.shape[0]
+        index = torch.arange(m) if index is None else index.contiguous()
+        maps = logits.float()
+        return torch.ops.cropformer_C.point_mask_sample_rows(maps if maps.is_contiguous() else maps.contiguous(), index, candidates)
+    return _sample_logits_rows(logits, index, candidates, torch.float32)
+
+
 def sample_uncertain_points(
     logits: torch.Tensor,
     num_points: int,
@@ -343,6 +360,7 @@ def sample_uncertain_points(
     generator: torch.Generator | None = None,
     *,
     index: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """PointRend importance sampling of loss points (`get_uncertain_point_coords_with_randomness`).
 
@@ -355,6 +373,8 @@ def sample_uncertain_points(
     Args:
         logits: M x h x w mask logits, or K x h x w with `index` (M int64) picking the rows.
         generator: torch.Generator on the logits' device (None = the global generator).
+        backend: "auto" | "torch" (grid_sample on the picked rows) | "cpu" (C++ sampling of the rows
+            in place).
     Returns:
         M x num_points x 2 (x, y) in [0, 1], float32. No gradient.
     """
@@ -371,7 +391,7 @@ def sample_uncertain_points(
     device = logits.device
     with torch.no_grad():
         candidates = torch.rand(m, num_sampled, 2, device=device, generator=generator)
-        uncertainty = -_sample_logits_rows(logits, index, candidates, torch.float32).abs()  # M x S
+        uncertainty = -_sample_candidates(logits, index, candidates, backend).abs()  # M x S
         top = uncertainty.topk(num_uncertain, dim=1).indices  # M x num_uncertain
         coords = candidates.gather(1, top[..., None].expand(-1, -1, 2))
         if num_random > 0:

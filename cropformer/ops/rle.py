@@ -87,14 +87,16 @@ def id_map_to_rle(id_map, ids):
     if N >= 1 << 32:
         raise ValueError(f"id_map has {N} pixels; COCO RLE counts are 32-bit")
     ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        return [], torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
     uniq, inverse = np.unique(ids, return_inverse=True)
     G = len(uniq)
 
     starts, values = _column_runs(id_map)
     ends = np.append(starts[1:], N)
     # Keep the runs of requested ids, grouped by id (stable: by start within an id).
-    pos = np.searchsorted(uniq, values).clip(max=max(G - 1, 0))
-    keep = (uniq[pos] == values) if G else np.zeros(len(values), bool)
+    pos = np.searchsorted(uniq, values).clip(max=G - 1)
+    keep = uniq[pos] == values
     group, st, en = pos[keep], starts[keep], ends[keep]
     order = np.argsort(group, kind="stable")
     group, st, en = group[order], st[order], en[order]
@@ -106,7 +108,9 @@ def id_map_to_rle(id_map, ids):
     is_first = np.zeros(len(st), bool)
     is_first[first[:-1][n_runs > 0]] = True
     gap = st - np.where(is_first, 0, prev_end)
-    last_end = np.where(n_runs > 0, en[np.maximum(first[1:] - 1, 0)] if len(en) else 0, 0)
+    present = n_runs > 0
+    last_end = np.zeros(G, np.int64)
+    last_end[present] = en[first[1:][present] - 1]
     trailing = N - last_end  # N for an empty mask: its counts are [N]
     has_trail = trailing > 0
     n_counts = 2 * n_runs + has_trail
@@ -122,7 +126,7 @@ def id_map_to_rle(id_map, ids):
     delta = counts.copy()
     delta[local > 2] -= counts[np.flatnonzero(local > 2) - 2]
     chars, n_chars = _encode_counts(delta)
-    char_first = np.concatenate([[0], np.cumsum(np.add.reduceat(n_chars, cfirst[:-1]) if len(n_chars) else [])])
+    char_first = np.concatenate([[0], np.cumsum(np.add.reduceat(n_chars, cfirst[:-1]))])  # every mask has >= 1 count
     text = chars.tobytes()
     rles = [
         {"size": [H, W], "counts": text[char_first[g] : char_first[g + 1]].decode("ascii")} for g in range(G)
@@ -136,7 +140,6 @@ def id_map_to_rle(id_map, ids):
     y1 = np.where(wraps, H - 1, (en - 1) % H)
     boxes = np.zeros((G, 4), np.float64)
     areas = np.zeros(G, np.int64)
-    present = n_runs > 0
     if present.any():
         seg = first[:-1][present]
         xs, xe = np.minimum.reduceat(x0, seg), np.maximum.reduceat(x1, seg)

@@ -5,8 +5,9 @@
 // on. Per-query sums go to shared memory first, then once per tile to global memory.
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
 
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paste_entities_cuda(
   auto prob_sum = at::zeros({Q}, logits.options().dtype(at::kDouble));
   auto area = at::zeros({Q}, logits.options().dtype(at::kLong));
   auto evaluated = at::zeros({1}, logits.options().dtype(at::kLong));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   paste_entities_kernel<<<R * C, kThreads, smem, stream>>>(
       logits.data_ptr<float>(), row_idx.data_ptr<int>(), row_w.data_ptr<float>(), col_idx.data_ptr<int>(),
       col_w.data_ptr<float>(), boxes.data_ptr<int>(), row_breaks.data_ptr<int>(), col_breaks.data_ptr<int>(),

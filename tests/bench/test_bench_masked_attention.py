@@ -9,12 +9,14 @@ Baselines, in the same run:
 - ``sdpa_bcast`` (GPU): the same bool mask broadcast over heads (B x 1 x Q x K), not expanded.
 - ``flex`` (GPU, where FlexAttention exists): compiled `flex_attention` with a BlockMask built from the
   B x Q x K bool mask each call (the mask changes every layer, so building it is part of the cost).
-- ``torch``: `masked_cross_attention_ref` (the CPU path; chunked over queries, recomputed in backward).
+- ``torch``: `masked_cross_attention_ref` (chunked over queries, recomputed in backward).
 
-Ours is ``triton`` on a GPU and ``torch`` on CPU; `ratio` = baseline median / ours (> 1: ours faster).
-Work per call: forward 4 * B*H*Q*K*D FLOP (two matmuls), forward + backward 2.5x that with the
-recomputed scores (flash-attention convention); minimum traffic: read q, k, v and the B x Q x K logits
-once, write the output (backward: also read o, dO and write dq, dk, dv).
+Ours is ``triton`` on a GPU and ``cpu`` on CPU (what ``auto`` picks: SDPA with the mask broadcast over
+heads); `ratio` = backend median / ours (> 1: ours faster).
+Work per call: forward 4 * B*H*Q*K*D FLOP (two matmuls), backward 2.5x that (flash-attention
+convention, not counting the recomputed scores), so forward + backward 3.5x; minimum traffic: read q,
+k, v and the B x Q x K logits once and write the output (backward: also read o, dO, the logits again
+and write dq, dk, dv).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the inputs; on CPU the profiler's record of
 c10's CPU allocator (`profile_memory=True`: every tensor allocation and free, with a running total), so
@@ -184,13 +186,18 @@ def _run_case(label, keys, mode, device, dtype, backends, ours, repeats, with_ti
     for name, r in results.items():
         ratio = r["median_ms"] / base
         print(f"  {name:11s} {r['median_ms']:10.3f} ms  ratio {ratio:6.2f}  peak {r['peak_mem'] / 2**20:9.1f} MiB  "
-              f"{flops / r['median_ms'] / 1e9:8.1f} GFLOP/s  {traffic / r['median_ms'] / 1e6:8.1f} GB/s")
+              f"{flops / r['median_ms'] / 1e6:8.1f} GFLOP/s  {traffic / r['median_ms'] / 1e6:8.2f} GB/s")
         _record(dict(shape=dict(B=B, H=H, Q=Q, K=keys, D=D, level=label), mode=mode, backend=name,
                      ours=ours, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      dtype=str(dtype), ratio=ratio, flops=flops, min_bytes=traffic, **r))
     return results
 
 
+CPU_BACKENDS = {
+    "cpu": lambda q, k, v, m: masked_cross_attention(q, k, v, m, backend="cpu"),
+    "torch": masked_cross_attention_ref,
+    "sdpa_dense": sdpa_dense,
+}
 CASES = [(name, keys) for name, keys in IMAGE_LEVELS.items()] + [("batch_5x128x128", BATCH_KEYS)]
 
 
@@ -222,20 +229,20 @@ def test_bench_masked_attention_gpu(label, keys, dtype, mode):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("label,keys", list(IMAGE_LEVELS.items()), ids=list(IMAGE_LEVELS))
 def test_bench_masked_attention_cpu(label, keys, mode):
-    """CPU timings of the reference path against the dense-mask composition (fp32)."""
-    backends = {"torch": masked_cross_attention_ref, "sdpa_dense": sdpa_dense}
-    _run_case(label, keys, mode, torch.device("cpu"), torch.float32, backends, "torch", repeats=3)
+    """CPU timings (fp32) of the "cpu" path and the reference against the dense-mask composition."""
+    _run_case(label, keys, mode, torch.device("cpu"), torch.float32, CPU_BACKENDS, "cpu", repeats=3)
 
 
 @pytest.mark.bench
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_bench_masked_attention_cpu_peak_memory_batch_decoder(mode):
-    """The reference path's peak memory is below the dense-mask composition at the batch decoder's shape
-    (T = 5 views at 1/8 of 1024: K = 81920), measured with the profiler's allocator record; one timed run."""
-    backends = {"torch": masked_cross_attention_ref, "sdpa_dense": sdpa_dense}
-    results = _run_case("batch_5x128x128", BATCH_KEYS, mode, torch.device("cpu"), torch.float32, backends,
-                        "torch", repeats=1)
+    """The peak memory of the reference and of the "cpu" path is below the dense-mask composition at the
+    batch decoder's shape (T = 5 views at 1/8 of 1024: K = 81920), measured with the profiler's
+    allocator record; one timed run each."""
+    results = _run_case("batch_5x128x128", BATCH_KEYS, mode, torch.device("cpu"), torch.float32, CPU_BACKENDS,
+                        "cpu", repeats=1)
     dense_mask_bytes = B * H * Q * BATCH_KEYS  # the expanded bool mask alone
     print(f"  expanded bool mask alone: {dense_mask_bytes / 2**20:.1f} MiB; "
           f"fp32 scores B*H*Q*K: {4 * dense_mask_bytes / 2**20:.1f} MiB")
     assert results["torch"]["peak_mem"] < results["sdpa_dense"]["peak_mem"]
+    assert results["cpu"]["peak_mem"] < results["sdpa_dense"]["peak_mem"]

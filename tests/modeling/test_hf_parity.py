@@ -48,7 +48,10 @@ from cropformer.config import load_config
 from cropformer.modeling.build import build_model
 from tests.conftest import assert_close
 
-transformers = pytest.importorskip("transformers", reason="HF parity test needs `pip install transformers`")
+# ImportError too: an installed transformers that cannot import against this torch is also a skip.
+transformers = pytest.importorskip(
+    "transformers", reason="HF parity test needs `pip install transformers`", exc_type=ImportError
+)
 
 ATOL = 1e-4
 RTOL = 1e-5
@@ -218,19 +221,46 @@ def _load_hf_into_ours(hf, ours) -> None:
     ours.load_state_dict(state, strict=True)
 
 
-def _assert_no_boundary_logits(mask_logits: torch.Tensor, size, name: str) -> None:
-    """The attention mask of the next layer: HF blocks where sigmoid(x) < 0.5, we where x < 0; they agree
-    unless a resized logit is within fp32 rounding of 0 (see the module docstring)."""
-    resized = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
-    margin = resized.abs().min().item()
-    assert margin > 1e-5, f"{name}: a resized mask logit is {margin:.2e} from 0; pick another seed"
+@torch.no_grad()
+def _vary_mask_offsets_(hf) -> None:
+    """Give every query a mask-logit offset of its own, so that the attention masks mix fully blocked
+    rows (every key blocked: both sides must open the row), partly blocked rows and open keys.
+
+    With plain random weights no query is blocked everywhere. Here channel 0 of the mask features
+    becomes the constant 1 (1x1 conv row zeroed, bias 1), and the mask-embedding output feeding it is
+    scaled x8 and shifted by -6: query q's logits get the offset 8 w.h_q - 6 at every pixel.
+    """
+    proj = hf.model.pixel_level_module.decoder.mask_projection
+    proj.weight[0].zero_()
+    proj.bias[0] = 1.0
+    last = hf.model.transformer_module.decoder.mask_predictor.mask_embedder.layers[-1].layers[0]
+    last.weight[0] *= 8.0
+    last.bias[0] = -6.0
 
 
-# Input sizes not multiples of 32 (ours pads to 32): 250 x 330 pads to 256 x 352, so every Swin stage's
-# map (64x88, 32x44, 16x22, 8x11) is padded to a multiple of the window 7 inside the blocks; 100 x 70
-# pads to 128 x 96, whose stage-4 map (4 x 3) is smaller than the window (HF and detectron2 both pad it
-# to 7 x 7 and keep the shift).
-@pytest.mark.parametrize("height,width,batch", [(250, 330, 2), (100, 70, 1)])
+def _check_attention_masks(ours_logits, hf_logits, size, name: str) -> tuple[int, int]:
+    """The next layer's attention mask from prediction logits B x Q x H x W, resized to `size`.
+
+    HF blocks where sigmoid(x) < 0.5, we where x < 0: the two masks must be identical, and no resized
+    logit may be within 1e-4 of 0 (about 7x the largest logit difference seen), so that a rounding
+    difference cannot flip a bit on another machine. Returns (fully blocked rows, partly blocked rows).
+    """
+    resized = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False).flatten(2)
+               for m in (ours_logits, hf_logits)]
+    ours_block, hf_block = resized[0] < 0, resized[1].sigmoid() < 0.5
+    assert torch.equal(ours_block, hf_block), f"{name}: attention masks differ at {int((ours_block != hf_block).sum())} keys"
+    margin = resized[1].abs().min().item()
+    assert margin > 1e-4, f"{name}: a resized mask logit is {margin:.2e} from 0; the test's seeds need changing"
+    full = hf_block.all(-1)
+    partial = hf_block.any(-1) & ~full
+    return int(full.sum()), int(partial.sum())
+
+
+# Input sizes not multiples of 32 (ours pads to 32): 180 x 230 pads to 192 x 256, so no Swin stage's map
+# (48x64, 24x32, 12x16, 6x8) is a multiple of the window 7 and every block pads inside; 100 x 70 pads to
+# 128 x 96, whose stage-4 map (4 x 3) is smaller than the window in both directions (HF and detectron2
+# both pad it to 7 x 7 and keep the shift). Batch 2 holds two different images.
+@pytest.mark.parametrize("height,width,batch", [(180, 230, 2), (100, 70, 1)])
 def test_matches_hf_mask2former(height, width, batch):
     """Every stage of our Mask2Former baseline against HF's, same random weights and input.
 
@@ -241,7 +271,8 @@ def test_matches_hf_mask2former(height, width, batch):
     torch.manual_seed(0)
     cfg, ours = _build_ours()
     hf = _build_hf(cfg)
-    _randomise_(hf, seed=1)
+    _randomise_(hf, seed=3)
+    _vary_mask_offsets_(hf)
     _load_hf_into_ours(hf, ours)
 
     gen = torch.Generator().manual_seed(2)
@@ -277,11 +308,15 @@ def test_matches_hf_mask2former(height, width, batch):
     hf_preds.append((ref.class_queries_logits, ref.masks_queries_logits))
     assert len(ours_preds) == len(hf_preds) == cfg.decoder.dec_layers
     sizes = [f.shape[-2:] for f in multi_scale]
+    fully_blocked = 0
     for k, ((logits, masks), (hf_logits, hf_masks)) in enumerate(zip(ours_preds, hf_preds)):
         check(f"prediction {k} class logits", logits, hf_logits)
         check(f"prediction {k} mask logits", masks, hf_masks)
-        if k < len(ours_preds) - 1:
-            _assert_no_boundary_logits(hf_masks, sizes[k % 3], f"prediction {k}")
+        if k < len(ours_preds) - 1:  # prediction k masks layer k's cross-attention
+            full, partial = _check_attention_masks(masks, hf_masks, sizes[k % 3], f"prediction {k}")
+            assert partial > 0, f"prediction {k}: no partly blocked row, masking is not exercised"
+            fully_blocked += full
+    assert fully_blocked > 0, "no fully blocked row: the row-opening rule is not exercised"
     check("query features (before decoder_norm)", out["query_features"], ref.transformer_decoder_last_hidden_state)
 
     print(f"\nmax abs differences ours vs HF, {height} x {width}, batch {batch}:")

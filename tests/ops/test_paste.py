@@ -1,0 +1,374 @@
+"""Parity tests of `cropformer.ops.paste_entities` (fused multi-view paste).
+
+Layers checked, each against something independent:
+1. geometry: `_linear_taps` / `_resize_matrix` give F.interpolate's exact weights; `_axis_taps` (3 taps
+   per output position, used by the kernels) equals `_axis_matrix` (two dense resizes);
+2. the float64 reference against a float32 transcription of the released code (`_original`: two
+   F.interpolate calls per view, sum, divide, threshold, paint in ascending score);
+3. the compiled CPU kernel (and CUDA where a GPU exists) against the reference, on random inputs with
+   V = 1, 2, 5, Q = 1, 7, 100, odd output sizes, crops at the border and tied class scores;
+4. bad inputs, backend selection, and an 8000 x 6000 x Q=100 x 5-view run in a subprocess for time and
+   peak RSS.
+
+Id maps may differ only at pixels where some query's fused probability lies within 1e-5 of the
+threshold (float32 vs float64 rounding can flip those); every test counts them and asserts that each
+mismatch is such a pixel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cropformer.ops._dispatch import has_compiled_op
+from cropformer.ops.paste import (
+    _axis_matrix,
+    _axis_taps,
+    _linear_taps,
+    _rank_order,
+    _resize_matrix,
+    _tile_breaks,
+    paste_entities,
+    paste_entities_ref,
+)
+from tests.conftest import REPO, assert_close, cuda_or_skip
+
+NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
+
+
+def compiled_or_skip():
+    if not has_compiled_op("paste_entities"):
+        pytest.skip("compiled paste_entities not built (setup.py, or CROPFORMER_JIT_OPS=paste)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def corner_views(H: int, W: int, V: int, ratio: float = 0.7):
+    """Full view + up to 4 corner crops (x0, y0, x1, y1), as the CropFormer test-time views."""
+    cw, ch = int(ratio * W), int(ratio * H)
+    crops = [[0, 0, cw, ch], [W - cw, 0, W, ch], [0, H - ch, cw, H], [W - cw, H - ch, W, H]]
+    return [[0, 0, W, H]] + crops[: V - 1]
+
+
+def random_inputs(V, Q, H, W, h=11, w=13, seed=0, boxes=None):
+    """Smooth-ish random logits (low-res noise scaled so masks are blobs with sharp and soft edges),
+    view sizes within the padded size 4h x 4w, random class scores."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(V, Q, h, w, generator=g) * 4 + torch.randn(V, Q, 1, 1, generator=g)
+    sizes = [[4 * h - int(torch.randint(0, 3, (), generator=g)), 4 * w - int(torch.randint(0, 5, (), generator=g))]
+             for _ in range(V)]
+    boxes = corner_views(H, W, V) if boxes is None else boxes
+    scores = torch.rand(Q, generator=g)
+    return logits, sizes, boxes, scores
+
+
+def fused_probs(logits, sizes, boxes, H, W) -> torch.Tensor:
+    """Q x H x W float64 fused probabilities from F.interpolate in float64 (independent of the op)."""
+    V, Q, h, w = logits.shape
+    total = torch.zeros(Q, H, W, dtype=torch.float64)
+    count = torch.zeros(H, W, dtype=torch.float64)
+    for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
+        up = F.interpolate(logits[v : v + 1].double(), size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
+        view = F.interpolate(up[..., :rows, :cols], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        total[:, y0:y1, x0:x1] += view[0].sigmoid()
+        count[y0:y1, x0:x1] += 1
+    return total / count.clamp_min(1)
+
+
+def _original(logits, sizes, boxes, scores, H, W, threshold=0.5):
+    """Float32 transcription of the released `inference_whole_views` (full view first in `boxes`).
+
+    Returns the id map (painted in ascending class score, ties resolved like ours) and the
+    double-sigmoid scores."""
+    V, Q, h, w = logits.shape
+    up = F.interpolate(logits, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)  # V x Q x 4h x 4w
+    probs = []
+    for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
+        view = F.interpolate(up[v : v + 1, :, :rows, :cols], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        probs.append(view[0].sigmoid())
+    fused = torch.zeros(Q, H, W)
+    valid = torch.zeros(Q, H, W) + 1e-16
+    for (x0, y0, x1, y1), p in zip(boxes[1:], probs[1:]):
+        fused[:, y0:y1, x0:x1] += p
+        valid[:, y0:y1, x0:x1] += 1
+    fused = (fused + probs[0]) / (valid + 1)
+    masks = fused > threshold
+    id_map = torch.zeros(H, W, dtype=torch.int32)
+    for q in _rank_order(scores).flip(0).tolist():  # ascending score; the higher rank paints last
+        id_map[masks[q]] = q + 1
+    final = id_map[None] == torch.arange(1, Q + 1)[:, None, None]
+    mean = (fused.sigmoid() * final).flatten(1).sum(1) / (final.flatten(1).sum(1) + 1e-6)
+    return id_map, scores * mean
+
+
+def assert_id_maps_match(actual, expected, fused, threshold=0.5, name="id_map"):
+    """Equal except at pixels where some query's fused probability is within NEAR of the threshold."""
+    actual, expected = actual.cpu(), expected.cpu()
+    near = ((fused - threshold).abs() <= NEAR).any(0)
+    diff = actual != expected
+    n_diff, n_near = int(diff.sum()), int(near.sum())
+    bad = diff & ~near
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} pixels differ away from the threshold (first {torch.nonzero(bad)[:5].tolist()}; "
+        f"actual {actual[bad][:5].tolist()}, expected {expected[bad][:5].tolist()})"
+    )
+    return n_diff, n_near
+
+
+def assert_results_match(actual, expected, fused, threshold=0.5, name=""):
+    n_diff, n_near = assert_id_maps_match(actual[0], expected[0], fused, threshold, name=f"{name} id_map")
+    assert actual[0].dtype == torch.int32 and actual[2].dtype == torch.int64
+    if n_diff == 0:
+        assert torch.equal(actual[2].cpu(), expected[2].cpu()), f"{name} areas {actual[2]} != {expected[2]}"
+        assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-5, name=f"{name} scores")
+    else:  # flipped pixels change the areas by at most their number
+        assert (actual[2].cpu() - expected[2].cpu()).abs().sum() <= 2 * n_diff
+    return n_diff, n_near
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Geometry.
+
+
+# Sizes: equal (copy branch), x4 up, odd up/down ratios, tiny inputs (1, 2), a large up factor.
+@pytest.mark.parametrize("in_size,out_size", [(40, 40), (40, 160), (37, 101), (159, 112), (223, 156), (1, 5), (2, 7),
+                                              (1000, 7), (333, 8000)])
+def test_resize_matrix_is_f_interpolate(in_size, out_size):
+    # F.interpolate of one-hot inputs gives its weights. They match to float32 rounding: exactly where
+    # the two taps differ; where both taps hit one input (border, in_size 1) ATen's float32 sum
+    # lambda0 + lambda1 rounds to 1 and ours (float64) may not. Rows and columns: ATen's two axes use
+    # different loops.
+    eye = torch.eye(in_size)
+    rows = F.interpolate(eye.reshape(in_size, 1, in_size, 1), size=(out_size, 1), mode="bilinear", align_corners=False)
+    cols = F.interpolate(eye.reshape(in_size, 1, 1, in_size), size=(1, out_size), mode="bilinear", align_corners=False)
+    m = _resize_matrix(in_size, out_size)
+    i0, i1, _, _ = _linear_taps(in_size, out_size)
+    distinct = i0 != i1
+    assert torch.equal(rows.reshape(in_size, out_size).T.double()[distinct], m[distinct])
+    assert_close(rows.reshape(in_size, out_size).T, m, rtol=0, atol=6e-8, name="row weights")
+    assert_close(cols.reshape(in_size, out_size).T, m, rtol=0, atol=6e-8, name="column weights")
+
+
+@pytest.mark.parametrize("low,cut,out", [(40, 160, 160), (40, 159, 112), (10, 37, 101), (7, 25, 9), (2, 7, 13),
+                                         (1, 3, 5), (1, 4, 1), (3, 12, 2), (50, 199, 3001)])
+def test_axis_taps_equal_two_resizes(low, cut, out):
+    idx, wts = _axis_taps(low, cut, out)
+    dense = torch.zeros(out, low, dtype=torch.float64).scatter_add_(1, idx.long(), wts.double())
+    assert_close(dense, _axis_matrix(low, cut, out), rtol=0, atol=1e-7, name="taps vs matrices")
+    assert (idx[1:] >= idx[:-1]).all() and (wts >= 0).all() and int(idx.max()) < low
+    # And the matrices against two float32 F.interpolate calls (x4, cut, resize), as the released code
+    # runs them: equal up to the float32 rounding of the intermediate and final values.
+    x = torch.randn(3, low)
+    up = F.interpolate(x[None, :, :, None], size=(4 * low, 1), mode="bilinear", align_corners=False)
+    two = F.interpolate(up[:, :, :cut], size=(out, 1), mode="bilinear", align_corners=False)[0, :, :, 0]
+    assert_close(x.double() @ _axis_matrix(low, cut, out).T, two, rtol=0, atol=2e-6, name="matrix vs F.interpolate")
+
+
+def test_tile_breaks_include_footprint_edges():
+    b = _tile_breaks(200, [0, 60, 140, 200, 59], 64).tolist()
+    assert b[0] == 0 and b[-1] == 200 and {59, 60, 140} <= set(b)
+    assert all(0 < e - s <= 64 for s, e in zip(b[:-1], b[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Reference vs the released algorithm.
+
+
+# Sizes: 37 x 53 and 61 x 45 are odd and not multiples of the tile; 160 x 224 is the golden image.
+@pytest.mark.parametrize("V,Q,H,W", [(1, 7, 37, 53), (2, 7, 61, 45), (5, 12, 160, 224), (5, 100, 47, 39)])
+def test_reference_matches_original(V, Q, H, W):
+    logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=V * 100 + Q)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode="original", query_chunk=5,
+                             chunk_elems=4096)  # tiny chunks: exercise the row and query chunking
+    id_map, orig_scores = _original(logits, sizes, boxes, scores, H, W)
+    n_diff, n_near = assert_id_maps_match(ref[0], id_map, fused_probs(logits, sizes, boxes, H, W))
+    if n_diff == 0:
+        assert_close(ref[1], orig_scores, rtol=1e-5, atol=1e-6, name="scores")
+    assert ref[2].sum() == (ref[0] > 0).sum()
+    print(f"reference vs original: {n_diff} pixels differ, {n_near} within {NEAR} of the threshold")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Compiled kernels vs the reference.
+
+
+# V = 1 (Mask2Former), 2 (training-like), 5 (CropFormer test); Q = 1, 7, 100; output sizes odd and
+# prime-ish so tiles, crops and taps never align; low-res 11 x 13 and 7 x 5 (up and down sampling).
+@pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
+@pytest.mark.parametrize("V", [1, 2, 5])
+@pytest.mark.parametrize("Q", [1, 7, 100])
+@pytest.mark.parametrize("H,W,h,w", [(97, 131, 11, 13), (67, 29, 11, 13), (23, 17, 7, 5)])
+def test_cpu_kernel_matches_reference(score_mode, V, Q, H, W, h, w):
+    compiled_or_skip()
+    logits, sizes, boxes, scores = random_inputs(V, Q, H, W, h, w, seed=H * 7 + V * 3 + Q)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode=score_mode)
+    out = paste_entities(logits, sizes, boxes, scores, (H, W), score_mode=score_mode, backend="cpu")
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_tied_scores_lower_query_wins(backend):
+    if backend == "cpu":
+        compiled_or_skip()
+    V, Q, H, W = 5, 7, 53, 41
+    logits, sizes, boxes, _ = random_inputs(V, Q, H, W, seed=3)
+    logits[:, 4] = logits[:, 2]  # queries 2 and 4 identical, same score: 2 must win everywhere
+    scores = torch.tensor([0.3, 0.1, 0.9, 0.5, 0.9, 0.9, 0.2])
+    id_map, sc, area = paste_entities(logits, sizes, boxes, scores, (H, W), backend=backend)
+    assert area[4] == 0 and sc[4] == 0 and area[2] > 0
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W))
+    assert_results_match((id_map, sc, area), ref, fused_probs(logits, sizes, boxes, H, W))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.75])
+def test_threshold_and_uncovered_pixels(threshold):
+    compiled_or_skip()
+    V, Q, H, W = 3, 9, 45, 61
+    # Views that leave the right part of the output uncovered and overlap partly.
+    boxes = [[0, 0, 40, 45], [10, 5, 33, 44], [20, 0, 47, 30]]
+    logits, sizes, _, scores = random_inputs(V, Q, H, W, seed=11, boxes=boxes)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), mask_threshold=threshold)
+    out = paste_entities(logits, sizes, boxes, scores, (H, W), mask_threshold=threshold, backend="cpu")
+    assert (ref[0][:, 47:] == 0).all() and (ref[0][30:, 40:] == 0).all()
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), threshold)
+
+
+def test_pruning_skips_most_pairs_on_blob_masks():
+    """Localised masks (as trained models give) leave few (pixel, query) pairs to evaluate."""
+    compiled_or_skip()
+    from cropformer.ops.paste import _check_inputs, _paste_compiled
+
+    V, Q, H, W = 5, 50, 301, 403
+    logits, sizes, boxes, scores = blob_inputs(V, Q, H, W)
+    sizes_, boxes_, _, _ = _check_inputs(logits, sizes, boxes, scores, (H, W), 0.5, "mean_prob")
+    id_map, sc, area, evaluated = _paste_compiled(logits, sizes_, boxes_, scores, H, W, 0.5, "mean_prob", 64)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W))
+    assert_results_match((id_map, sc, area), ref, fused_probs(logits, sizes, boxes, H, W))
+    assert evaluated < 0.1 * H * W * Q, f"evaluated {evaluated / (H * W * Q):.3f} of the pairs"
+
+
+def blob_inputs(V, Q, H, W, seed=0, short=200):
+    """Logits of elliptic blobs in output coordinates, seen consistently by each view (the maps a
+    trained model produces: strongly negative away from each entity). Views are resized to shortest
+    side `short` and padded to a multiple of 32, as the test-time views."""
+    g = torch.Generator().manual_seed(seed)
+    cx, cy = torch.rand(Q, generator=g) * W, torch.rand(Q, generator=g) * H
+    rx = (0.03 + 0.2 * torch.rand(Q, generator=g)) * W
+    ry = (0.03 + 0.2 * torch.rand(Q, generator=g)) * H
+    boxes = corner_views(H, W, V)
+    sizes = []
+    for x0, y0, x1, y1 in boxes:
+        s = short / min(y1 - y0, x1 - x0)
+        sizes.append([int((y1 - y0) * s + 0.5), int((x1 - x0) * s + 0.5)])
+    h = -(-max(s[0] for s in sizes) // 32) * 8
+    w = -(-max(s[1] for s in sizes) // 32) * 8
+    logits = torch.empty(V, Q, h, w)
+    for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
+        yy = (torch.arange(h) * 4 + 2.0) * (y1 - y0) / rows + y0 - 0.5
+        xx = (torch.arange(w) * 4 + 2.0) * (x1 - x0) / cols + x0 - 0.5
+        d2 = ((xx[None, None] - cx[:, None, None]) / rx[:, None, None]) ** 2 + (
+            (yy[None, :, None] - cy[:, None, None]) / ry[:, None, None]
+        ) ** 2
+        logits[v] = (8 * (1 - d2)).clamp(-20, 10) + 0.5 * torch.randn(Q, h, w, generator=g)
+    return logits, sizes, boxes, torch.rand(Q, generator=g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
+@pytest.mark.parametrize("V,Q,H,W", [(1, 7, 97, 131), (5, 100, 97, 131), (5, 1, 23, 17), (2, 100, 333, 257)])
+def test_cuda_kernel_matches_reference(score_mode, V, Q, H, W):
+    device = cuda_or_skip()
+    compiled_or_skip()
+    logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=H + V + Q)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode=score_mode)
+    out = paste_entities(logits.to(device), sizes, boxes, scores.to(device), (H, W), score_mode=score_mode,
+                         backend="cuda")
+    assert out[0].device.type == "cuda"
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Errors, dispatch, large output.
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: a.update(view_boxes=[[0, 0, 32, 31], [0, 0, 33, 10]]), "inside the output"),
+        (lambda a: a.update(view_boxes=[[0, 0, 32, 31], [5, 5, 5, 10]]), "non-empty"),
+        (lambda a: a.update(view_boxes=[[0, 0, 32, 31], [-1, 0, 10, 10]]), "inside the output"),
+        (lambda a: a.update(view_boxes=[[0, 0, 32, 31]]), "view_boxes must be V x 4"),
+        (lambda a: a.update(view_sizes=[[44, 52]]), "view_sizes must be V x 2"),
+        (lambda a: a.update(view_sizes=[[44, 52], [45, 52]]), "padded size"),
+        (lambda a: a.update(class_scores=torch.rand(4)), r"class_scores must have shape \(Q,\)"),
+        (lambda a: a.update(out_size=(0, 32)), "out_size must be positive"),
+        (lambda a: a.update(view_logits=torch.randn(2, 3, 11)), "V x Q x h x w"),
+        (lambda a: a.update(view_logits=torch.randn(2, 0, 11, 13)), "must not be empty"),
+        (lambda a: a.update(score_mode="max"), "score_mode"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_inputs_raise(change, message, backend):
+    args = dict(view_logits=torch.randn(2, 3, 11, 13), view_sizes=[[44, 52], [40, 50]],
+                view_boxes=[[0, 0, 32, 31], [0, 0, 20, 10]], class_scores=torch.rand(3), out_size=(31, 32))
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        paste_entities(**args, backend=backend)
+
+
+def test_explicit_unavailable_backend_raises():
+    logits, sizes, boxes, scores = random_inputs(1, 2, 9, 9)
+    with pytest.raises(RuntimeError, match="cuda"):
+        paste_entities(logits, sizes, boxes, scores, (9, 9), backend="cuda")
+
+
+_BIG_SCRIPT = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from cropformer.ops._dispatch import jit_load
+if os.environ.get("CROPFORMER_JIT_OPS"):
+    jit_load([o for o in os.environ["CROPFORMER_JIT_OPS"].split(",") if o])
+from cropformer.ops.paste import paste_entities
+from tests.ops.test_paste import blob_inputs
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+H, W, Q, V = 6000, 8000, 100, 5
+logits, sizes, boxes, scores = blob_inputs(V, Q, H, W, short=800)  # 5 x 100 x 200 x 272
+import gc; gc.collect()
+before = rss()
+t0 = time.perf_counter()
+id_map, sc, area = paste_entities(logits, sizes, boxes, scores, (H, W), backend="cpu")
+elapsed = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"elapsed": elapsed, "before": before, "peak": peak, "inputs": logits.numel() * 4,
+                  "output": id_map.numel() * 4, "entities": int((area > 0).sum()), "covered": float((id_map > 0).float().mean())}))
+"""
+
+
+def test_large_output_time_and_memory():
+    """8000 x 6000 output, Q = 100, 5 views, CPU: a few seconds, and peak RSS growth during the call
+    below output + 256 MB (the inputs already exist before the call; ru_maxrss of a fresh process)."""
+    compiled_or_skip()
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, str(REPO)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = r["peak"] - r["before"]
+    print(f"8000x6000 Q=100 V=5: {r['elapsed']:.2f} s, peak RSS growth {grown / 2**20:.0f} MB "
+          f"(output {r['output'] / 2**20:.0f} MB, inputs {r['inputs'] / 2**20:.0f} MB), "
+          f"{r['entities']} entities cover {100 * r['covered']:.0f}%")
+    assert r["entities"] > 10 and r["covered"] > 0.3  # a real workload, not an empty map
+    assert grown < r["output"] + 256 * 2**20
+    assert r["elapsed"] < 15.0

@@ -1,0 +1,328 @@
+"""Parity of cropformer.ops.point_mask (costs, losses, importance sampling) with the original's
+composition: detectron2 `point_sample` (grid_sample on FLOAT ground truth) + Mask2Former's
+`batch_sigmoid_ce_loss` / `batch_dice_loss` / `sigmoid_ce_loss` / `dice_loss`, written out here in
+float64. The C++ backend runs when the extension is built or JIT-loaded
+(`CROPFORMER_JIT_OPS=point_mask python -m pytest tests/ops/test_point_mask.py`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cropformer.ops import point_mask as pm
+from cropformer.ops._dispatch import has_compiled_op
+from tests.conftest import assert_close
+
+BACKENDS = ["torch", "cpu"]
+# fp32 against the float64 composition; float64 against float64 (the same math, other order)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _backend_or_skip(backend):
+    if backend == "cpu" and not has_compiled_op("point_mask_loss_fwd"):
+        pytest.skip("C++ point_mask ops not built (set CROPFORMER_JIT_OPS=point_mask)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the original's composition, float64
+
+
+def ref_point_sample(maps, points):
+    """maps K x C x H x W float64, points K x P x 2 -> K x C x P (detectron2 point_sample)."""
+    return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, align_corners=False)[..., 0]
+
+
+def ref_cost(pred, gt, points, valid=None):
+    """pred Q x T x h x w, gt N x T x H x W (any dtype), points P x 2 -> (bce, dice) Q x N float64."""
+    q, n = pred.shape[0], gt.shape[0]
+    pts = points.double()
+    tgt = gt.double()
+    if valid is not None:
+        tgt = tgt * valid[:, :, None, None].double()
+    t = ref_point_sample(tgt, pts[None].expand(n, -1, -1)).flatten(1)
+    x = ref_point_sample(pred.double(), pts[None].expand(q, -1, -1)).flatten(1)
+    pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    bce = (torch.einsum("nc,mc->nm", pos, t) + torch.einsum("nc,mc->nm", neg, 1 - t)) / x.shape[1]
+    s = x.sigmoid()
+    dice = 1 - (2 * torch.einsum("nc,mc->nm", s, t) + 1) / (s.sum(-1)[:, None] + t.sum(-1)[None, :] + 1)
+    return bce, dice
+
+
+def ref_loss(pred, gt, points, valid=None):
+    """pred M x h x w (float64, may require grad), gt M x H x W, points M x P x 2 -> (bce M, dice M)."""
+    t = ref_point_sample(gt.double()[:, None], points.double())[:, 0]
+    if valid is not None:
+        t = t * valid[:, None].double()
+    x = ref_point_sample(pred[:, None], points.double())[:, 0]
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
+    s = x.sigmoid()
+    dice = 1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)
+    return bce, dice
+
+
+def ref_uncertain_points(logits, num_points, oversample_ratio, importance_sample_ratio, generator):
+    """detectron2 get_uncertain_point_coords_with_randomness with calculate_uncertainty = -|logit|."""
+    m = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(m, num_sampled, 2, generator=generator)
+    unc = -ref_point_sample(logits[:, None].float(), coords).abs()
+    k = int(importance_sample_ratio * num_points)
+    idx = torch.topk(unc[:, 0, :], k=k, dim=1)[1]
+    idx = idx + num_sampled * torch.arange(m)[:, None]
+    coords = coords.view(-1, 2)[idx.view(-1), :].view(m, k, 2)
+    if num_points - k > 0:
+        coords = torch.cat([coords, torch.rand(m, num_points - k, 2, generator=generator)], dim=1)
+    return coords
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_masks(n, t, h, w, g, dtype=torch.bool, special=True):
+    """Random blobs, plus (when there are enough rows) an empty and a full mask."""
+    low = torch.rand(n, t, (h + 7) // 8, (w + 7) // 8, generator=g)
+    masks = F.interpolate(low, size=(h, w), mode="nearest") > 0.5
+    if special and n >= 3:
+        masks[0] = False
+        masks[1] = True
+    return masks.to(dtype)
+
+
+def make_points(p, g, dtype, h, w, H, W):
+    """P uniform points whose last ones are the awkward cases: borders, corners, exact pixel centres
+    of the prediction grid (h x w) and of the gt grid (H x W)."""
+    extra = torch.tensor(
+        [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.5], [0.5, 0.0],
+         [0.5 / w, 0.5 / h], [(w - 0.5) / w, (h - 0.5) / h], [3.5 / W, 2.5 / H], [(W - 0.5) / W, 0.5 / H]],
+        dtype=torch.float64,
+    )
+    pts = torch.rand(p, 2, generator=g, dtype=torch.float64)
+    k = min(p, len(extra))
+    pts[p - k :] = extra[:k]
+    return pts.to(dtype)
+
+
+# (Q, N, T, h, w, H, W, P): odd and prime sizes so no dimension hides a transposition; N = 0 and 1
+# for zero and one target; gt at ~4x the prediction size as in training.
+COST_SHAPES = [
+    (7, 5, 1, 9, 11, 37, 43, 101),
+    (13, 3, 2, 6, 5, 23, 19, 67),
+    (4, 1, 3, 8, 8, 32, 32, 13),
+    (5, 0, 1, 7, 9, 28, 36, 31),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gt_dtype", [torch.bool, torch.uint8])
+@pytest.mark.parametrize("shape", COST_SHAPES)
+def test_cost_matches_composition(shape, gt_dtype, dtype, backend):
+    _backend_or_skip(backend)
+    Q, N, T, h, w, H, W, P = shape
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    pred = torch.randn(Q, T, h, w, generator=g, dtype=torch.float64) * 4
+    gt = make_masks(N, T, H, W, g, gt_dtype)
+    pts = make_points(P, g, torch.float64, h, w, H, W)
+    exp_bce, exp_dice = ref_cost(pred, gt, pts)
+    bce, dice = pm.point_mask_cost(pred.to(dtype), gt, pts.to(dtype), backend=backend)
+    assert bce.dtype == dice.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(bce, exp_bce, name="bce", **TOL[dtype])
+    assert_close(dice, exp_dice, name="dice", **TOL[dtype])
+    if T == 1:  # the same problem without the view dimension
+        bce2, dice2 = pm.point_mask_cost(pred[:, 0].to(dtype), gt[:, 0], pts.to(dtype), backend=backend)
+        assert_close(bce2, exp_bce, name="bce 3d", **TOL[dtype])
+        assert_close(dice2, exp_dice, name="dice 3d", **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cost_valid_and_strided_views(backend):
+    """gt_valid zeroes (target, view) pairs; a strided view of bigger masks is read in place."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(3)
+    Q, N, T, h, w, H, W, P = 6, 4, 3, 5, 7, 20, 28, 41
+    pred = torch.randn(Q, T, h, w, generator=g, dtype=torch.float64)
+    big = make_masks(N, T + 2, H + 3, W + 5, g, special=False)
+    gt = big[:, 1 : 1 + T, 2 : 2 + H, 1 : 1 + W]  # non-contiguous in every dim
+    valid = torch.rand(N, T, generator=g) > 0.4
+    pts = make_points(P, g, torch.float64, h, w, H, W)
+    exp = ref_cost(pred, gt, pts, valid)
+    got = pm.point_mask_cost(pred, gt, pts, gt_valid=valid, backend=backend)
+    for a, e, name in zip(got, exp, ("bce", "dice")):
+        assert_close(a, e, name=name, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_points_outside_follow_zero_padding(backend):
+    """Points outside [0, 1] sample zero padding, as grid_sample does (pinned on exact values)."""
+    _backend_or_skip(backend)
+    pred = torch.full((1, 4, 4), 3.0, dtype=torch.float64)
+    gt = torch.ones(1, 8, 8, dtype=torch.bool)
+    # far outside (pure padding); x = -1/8: past the edge by half a pred pixel and 1.5 gt pixels (0);
+    # x = 0 on the border: half the weight on padding for both grids
+    pts = torch.tensor([[-0.5, 0.5], [1.7, 0.5], [0.5, 3.0], [-1 / 8, 0.5], [0.0, 0.5]], dtype=torch.float64)
+    bce, dice = pm.point_mask_cost(pred, gt, pts, backend=backend)
+    x = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.5], dtype=torch.float64)  # pred samples
+    t = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5], dtype=torch.float64)  # gt samples
+    exp_bce = (F.softplus(x) - x * t).mean()
+    s = x.sigmoid()
+    exp_dice = 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+    assert_close(bce[0, 0], exp_bce, name="bce")
+    assert_close(dice[0, 0], exp_dice, name="dice")
+    exp = ref_cost(pred[:, None], gt[:, None], pts)
+    assert_close(bce, exp[0], name="bce vs grid_sample")
+
+
+# (M, K, K', h, w, H, W, P)
+LOSS_SHAPES = [
+    (6, 11, 9, 9, 11, 37, 43, 53),
+    (1, 1, 1, 6, 5, 23, 19, 29),
+    (0, 3, 2, 5, 5, 20, 20, 17),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("indexed", [False, True])
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+def test_loss_values_and_gradients(shape, indexed, dtype, backend):
+    _backend_or_skip(backend)
+    M, K, K2, h, w, H, W, P = shape
+    g = torch.Generator().manual_seed(M * 100 + P)
+    base = torch.randn(K, h, w, generator=g, dtype=torch.float64) * 4
+    gt_all = make_masks(K2, 1, H, W, g)[:, 0]
+    pts = torch.stack([make_points(P, g, torch.float64, h, w, H, W) for _ in range(M)]) if M else torch.zeros(0, P, 2, dtype=torch.float64)
+    if M:
+        pts[0, :3] = torch.tensor([[-0.2, 0.5], [0.5, 1.3], [1.0 + 1e-3, 0.0]], dtype=torch.float64)  # outside
+    valid = torch.rand(M, generator=g) > 0.3
+    if indexed:
+        # repeated prediction rows: their gradients must accumulate
+        pidx = torch.randint(0, K, (M,), generator=g)
+        if M >= 2:
+            pidx[1] = pidx[0]
+        gidx = torch.randint(0, K2, (M,), generator=g)
+        kwargs = dict(pred_index=pidx, gt_index=gidx, gt_valid=valid)
+    else:
+        pidx = torch.arange(M) % K
+        gidx = torch.arange(M) % K2
+        kwargs = dict(gt_valid=valid)
+    weights_b = torch.rand(M, generator=g, dtype=torch.float64)
+    weights_d = torch.rand(M, generator=g, dtype=torch.float64)
+
+    ref_in = base.clone().requires_grad_(True)
+    eb, ed = ref_loss(ref_in[pidx], gt_all[gidx], pts, valid)
+    ((eb * weights_b).sum() + (ed * weights_d).sum()).backward()
+
+    pred_rows = base if indexed else base[pidx]
+    inp = pred_rows.to(dtype).clone().requires_grad_(True)
+    gt_rows = gt_all if indexed else gt_all[gidx]
+    bce, dice = pm.point_mask_loss(inp, gt_rows, pts.to(dtype), backend=backend, **kwargs)
+    assert bce.shape == dice.shape == (M,)
+    ((bce * weights_b.to(bce)).sum() + (dice * weights_d.to(dice)).sum()).backward()
+    assert_close(bce, eb, name="bce", **TOL[dtype])
+    assert_close(dice, ed, name="dice", **TOL[dtype])
+    # without an index pair m owns row m, which is the reference's row pidx[m] (no repeats: M <= K)
+    exp_grad = ref_in.grad if indexed else ref_in.grad[pidx]
+    assert_close(inp.grad, exp_grad, name="grad", **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_empty_and_full_masks(backend):
+    """Empty and full gt, confident predictions: the closed-form values."""
+    _backend_or_skip(backend)
+    pred = torch.stack([torch.full((5, 5), 9.0), torch.full((5, 5), -9.0)]).double()
+    gt = torch.stack([torch.ones(20, 20), torch.zeros(20, 20)]).bool()
+    # points strictly inside so that no padding is involved
+    pts = (torch.rand(2, 31, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.8 + 0.1)
+    bce, dice = pm.point_mask_loss(pred, gt, pts, backend=backend)
+    sp = F.softplus(torch.tensor(-9.0, dtype=torch.float64))
+    assert_close(bce, torch.stack([sp, sp]), name="bce", rtol=1e-10, atol=1e-12)
+    s = torch.sigmoid(torch.tensor(9.0, dtype=torch.float64))
+    full = 1 - (2 * 31 * s + 1) / (31 * s + 31 + 1)
+    empty = 1 - 1 / (31 * (1 - s) + 1)
+    assert_close(dice, torch.stack([full, empty]), name="dice", rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uncertain_points_match_detectron2(backend):
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, 13, 17, generator=g) * 3
+    for num_points, over, imp in ((97, 3.0, 0.75), (20, 2.0, 1.0), (33, 1.0, 0.0)):
+        exp = ref_uncertain_points(logits, num_points, over, imp, torch.Generator().manual_seed(11))
+        got = pm.sample_uncertain_points(logits, num_points, over, imp, torch.Generator().manual_seed(11), backend=backend)
+        assert got.shape == (7, num_points, 2)
+        assert torch.equal(got, exp)
+    # rows picked by an index sample the same as the gathered rows
+    idx = torch.tensor([4, 4, 0])
+    a = pm.sample_uncertain_points(logits, 50, 3.0, 0.75, torch.Generator().manual_seed(2), index=idx, backend=backend)
+    b = pm.sample_uncertain_points(logits[idx], 50, 3.0, 0.75, torch.Generator().manual_seed(2), backend=backend)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])  # the same row twice still gets its own draws
+
+
+def test_uncertain_points_keep_most_uncertain():
+    """With importance ratio 1 the kept points are exactly the num_points candidates of smallest |logit|."""
+    logits = torch.linspace(-5, 5, 40).view(1, 1, 40).expand(1, 3, 40).contiguous()
+    pts = pm.sample_uncertain_points(logits, 16, 4.0, 1.0, torch.Generator().manual_seed(0))
+    kept = pm._sample_logits_rows(logits, None, pts, torch.float32).abs()
+    cand = torch.rand(1, 64, 2, generator=torch.Generator().manual_seed(0))  # the same first draw
+    unc = pm._sample_logits_rows(logits, None, cand, torch.float32).abs()
+    assert torch.equal(kept.sort(dim=1).values, unc.sort(dim=1).values[:, :16])
+
+
+def test_bad_inputs_raise_clear_errors():
+    pred = torch.randn(3, 2, 5, 5)
+    gt = torch.zeros(4, 2, 20, 20, dtype=torch.bool)
+    pts = torch.rand(10, 2)
+    with pytest.raises(ValueError, match="views"):
+        pm.point_mask_cost(pred, gt[:, :1], pts)
+    with pytest.raises(ValueError, match="same number of dims"):
+        pm.point_mask_cost(pred, gt[:, 0], pts)
+    with pytest.raises(ValueError, match="P x 2"):
+        pm.point_mask_cost(pred, gt, torch.rand(10, 3))
+    with pytest.raises(ValueError, match="gt_valid"):
+        pm.point_mask_cost(pred, gt, pts, gt_valid=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="floating point"):
+        pm.point_mask_cost(pred.long(), gt, pts)
+    with pytest.raises(ValueError, match="point sets"):
+        pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(4, 10, 2))
+    with pytest.raises(ValueError, match="pred_index"):
+        pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(3, 10, 2), pred_index=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="M x P x 2"):
+        pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(3, 10))
+    with pytest.raises(ValueError, match="unknown backend"):
+        pm.point_mask_cost(pred, gt, pts, backend="fast")
+
+
+def test_compiled_index_out_of_range_is_caught():
+    if not has_compiled_op("point_mask_loss_fwd"):
+        pytest.skip("C++ point_mask ops not built")
+    with pytest.raises(RuntimeError, match="out of range"):
+        pm.point_mask_loss(
+            torch.randn(3, 5, 5), torch.zeros(3, 20, 20, dtype=torch.bool), torch.rand(2, 10, 2),
+            pred_index=torch.tensor([0, 3]), gt_index=torch.tensor([0, 1]), backend="cpu",
+        )
+
+
+def test_no_float_copy_of_masks(monkeypatch):
+    """The gt is sampled from its compact form: no float tensor of the masks' size is ever made."""
+    gt = torch.zeros(6, 2, 64, 64, dtype=torch.bool)
+    pred = torch.randn(4, 2, 16, 16)
+    pts = torch.rand(50, 2)
+    limit = gt[0, 0].numel()  # any float tensor this big would be a copy of (part of) the masks
+    seen = []
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.dtype == torch.bool and out.is_floating_point():
+            seen.append(self.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    pm.point_mask_cost(pred, gt, pts, backend="torch")
+    pm.point_mask_loss(torch.randn(12, 16, 16), gt.flatten(0, 1), torch.rand(12, 50, 2), backend="torch")
+    assert seen and max(seen) < limit
