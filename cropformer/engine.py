@@ -219,7 +219,7 @@ def train(
             result = train_one_iter(net, criterion, optimizer, scheduler, scaler, batch, cfg, amp_dtype)
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {it}: term(s) {exc}; last good checkpoint: {last_ckpt or 'none'}"
+                f"non-finite loss at iteration {it + 1}: term(s) {exc}; last good checkpoint: {last_ckpt or 'none'}"
             ) from None
         iteration = it + 1
         if rank == 0:

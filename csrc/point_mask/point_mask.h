@@ -1,8 +1,10 @@
 // Point-sampled mask costs and losses: the per-point math shared by the CPU and CUDA builds.
 //
 // Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros") on
-// grid = 2 * point - 1, in the same arithmetic order, so samples agree with detectron2's
-// point_sample to the last bits. A neighbour outside the map has weight 0 (zero padding).
+// grid = 2 * point - 1 in the arithmetic of ATen's vectorised CPU kernel (unnormalise with one fma,
+// weights from the fractional parts, taps accumulated nw, ne, sw, se with fma), so samples equal
+// detectron2's point_sample on an AVX2/AVX-512 CPU bit for bit. A neighbour outside the map has
+// weight 0 (zero padding).
 #pragma once
 
 #include "common.h"
@@ -26,14 +28,14 @@ CF_HOST_DEVICE void bilinear_taps(scalar_t px, scalar_t py, int64_t height, int6
                                   int64_t stride_w, Taps<scalar_t>& taps) {
   const scalar_t gx = px * scalar_t(2) - scalar_t(1);
   const scalar_t gy = py * scalar_t(2) - scalar_t(1);
-  const scalar_t ix = ((gx + scalar_t(1)) * scalar_t(width) - scalar_t(1)) / scalar_t(2);
-  const scalar_t iy = ((gy + scalar_t(1)) * scalar_t(height) - scalar_t(1)) / scalar_t(2);
+  const scalar_t ix = fma(gx, scalar_t(width) / scalar_t(2), (scalar_t(width) - scalar_t(1)) / scalar_t(2));
+  const scalar_t iy = fma(gy, scalar_t(height) / scalar_t(2), (scalar_t(height) - scalar_t(1)) / scalar_t(2));
   const scalar_t fx = floor(ix);
   const scalar_t fy = floor(iy);
-  const scalar_t ex = fx + scalar_t(1) - ix;  // weight of the west column
   const scalar_t wx = ix - fx;                // weight of the east column
-  const scalar_t ey = fy + scalar_t(1) - iy;  // weight of the north row
+  const scalar_t ex = scalar_t(1) - wx;       // weight of the west column
   const scalar_t wy = iy - fy;                // weight of the south row
+  const scalar_t ey = scalar_t(1) - wy;       // weight of the north row
   const scalar_t weights[4] = {ex * ey, wx * ey, ex * wy, wx * wy};
   // Test in floating point before converting: points far outside (or NaN) never index memory.
   const bool in_x0 = fx >= scalar_t(0) && fx <= scalar_t(width - 1);
@@ -52,14 +54,14 @@ CF_HOST_DEVICE void bilinear_taps(scalar_t px, scalar_t py, int64_t height, int6
   }
 }
 
-// Bilinear sample of one map at precomputed taps; the accumulation order (nw, ne, sw, se) is
-// grid_sample's.
+// Bilinear sample of one map at precomputed taps, accumulated as grid_sample does (nw, ne, sw, se,
+// fused multiply-adds; fma(v, w, 0) of the first tap is the plain product).
 template <typename scalar_t, typename map_t>
 CF_HOST_DEVICE scalar_t sample(const map_t* map, const Taps<scalar_t>& taps) {
   scalar_t v = scalar_t(0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    if (taps.w[k] != scalar_t(0)) v += scalar_t(map[taps.off[k]]) * taps.w[k];
+    if (taps.w[k] != scalar_t(0)) v = fma(scalar_t(map[taps.off[k]]), taps.w[k], v);
   }
   return v;
 }
