@@ -63,6 +63,7 @@ __all__ = [
     "seed_worker",
     "build_train_loader",
     "build_test_loader",
+    "build_dataset",
 ]
 
 # ----------------------------------------------------------------------------------------------------
@@ -662,3 +663,26 @@ def build_test_loader(
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, worker_init_fn=seed_worker)
+
+
+def build_dataset(input_cfg, data_cfg, *, train: bool, seed: int = 0) -> EntityDataset:
+    """EntityDataset from the `input` and `data` sections of cropformer.config.Config.
+
+    Training reads data.train_json / data.train_images with input.min_size_train / max_size_train;
+    evaluation reads data.val_json / data.val_images with input.min_size_test / max_size_test.
+    """
+    if not train and input_cfg.crop_sample_num_test != 4:
+        raise ValueError("inference views are the full image and its 4 corners (crop_sample_num_test = 4)")
+    return EntityDataset(
+        data_cfg.train_json if train else data_cfg.val_json,
+        data_cfg.train_images if train else data_cfg.val_images,
+        train=train,
+        short_sides=tuple(input_cfg.min_size_train) if train else (input_cfg.min_size_test,),
+        max_size=input_cfg.max_size_train if train else input_cfg.max_size_test,
+        flip_prob=0.5 if input_cfg.random_flip == "horizontal" else 0.0,
+        crop_ratio=input_cfg.crop_ratio,
+        num_train_crops=input_cfg.crop_sample_num_train,
+        filter_empty=data_cfg.filter_empty if train else False,
+        on_bad_image=data_cfg.on_bad_image,
+        seed=seed,
+    )

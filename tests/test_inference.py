@@ -1,0 +1,248 @@
+"""Inference and evaluation: the original's final entities end to end, AP^e against pycocotools,
+eval.py / infer.py on a trained tiny checkpoint, batching, overlays."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+
+from cropformer.config import load_config
+from cropformer.convert import original_to_ours
+from cropformer.evaluation import evaluate_entities
+from cropformer.inference import Segmenter
+from cropformer.modeling.build import build_model
+from cropformer.visualize import boundaries, overlay
+from tests.conftest import load_reference, reference_dir
+
+
+def _golden_segmenter(**options) -> Segmenter:
+    from safetensors.torch import load_file
+
+    state, _ = original_to_ours(load_file(str(reference_dir("golden_tiny") / "tiny_state_dict.safetensors")))
+    cfg = load_config("tiny")
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    return Segmenter(model, cfg, **options)
+
+
+def test_full_plus_crops_reproduces_original_entities():
+    """Image in, entities out: our views, network and paste against the original's demo predictor."""
+    seg = _golden_segmenter(mode="full_crops", score_mode="original", keep_empty=True)
+    inp = load_reference("golden_tiny", "inputs.pt")
+    ref = load_reference("golden_tiny", "outputs.pt")
+    image = inp["infer.image"].permute(1, 2, 0).contiguous().numpy()
+    ent = seg.segment(image)
+    ref_masks = ref["infer.result.pred_masks"]  # Q x H x W, ordered by descending class score
+    ref_map = torch.zeros(ref_masks.shape[1:], dtype=torch.int32)
+    for k, m in enumerate(ref_masks):
+        ref_map[m] = k + 1
+    assert ent.id_map.shape == tuple(ref_map.shape)
+    assert len(ent.scores) == len(ref_masks)
+    diff = int((torch.from_numpy(ent.id_map) != ref_map).sum())
+    assert diff == 0, f"{diff} pixels differ from the original's entity masks"
+    np.testing.assert_allclose(ent.scores, ref["infer.result.scores"].numpy(), atol=1e-5)
+
+
+def test_batching_gives_batch_one_results():
+    seg = _golden_segmenter()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (160, 224, 3), dtype=np.uint8) for _ in range(2)] + [rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)]
+    together = seg.segment_batch(images)
+    for im, ent in zip(images, together):
+        alone = seg.segment(im)
+        assert np.array_equal(alone.id_map, ent.id_map)
+        np.testing.assert_allclose(alone.scores, ent.scores, atol=1e-6)
+
+
+def test_generate_records_are_sam_shaped():
+    seg = _golden_segmenter(score_mode="mean_prob")
+    image = load_reference("golden_tiny", "inputs.pt")["infer.image"].permute(1, 2, 0).contiguous().numpy()
+    records = seg.generate(image)
+    assert records, "no entity found"
+    for r in records:
+        assert {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"} <= set(r)
+        m = mask_util.decode(r["segmentation"])
+        assert m.sum() == r["area"] > 0
+        assert list(mask_util.toBbox(r["segmentation"])) == pytest.approx(r["bbox"])
+    masks = np.stack([mask_util.decode(r["segmentation"]) for r in records])
+    assert masks.sum(0).max() == 1, "entities overlap"
+    binary = seg.generate(image, output_mode="binary_mask")
+    assert np.array_equal(binary[0]["segmentation"], masks[0].astype(bool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# AP^e
+
+
+def _random_partition(rng, h, w, n):
+    centres = rng.integers(0, [h, w], size=(n, 2))
+    yy, xx = np.mgrid[:h, :w]
+    d = (yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2
+    return d.argmin(-1)
+
+
+def _coco_case(rng, num_images=4):
+    images, anns, preds = [], [], []
+    for i in range(num_images):
+        h, w = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+        images.append({"id": i + 1, "height": h, "width": w, "file_name": f"{i}.png"})
+        gt = _random_partition(rng, h, w, 6)
+        pred = _random_partition(rng, h, w, 7)
+        for k in range(6):
+            rle = mask_util.encode(np.asfortranarray((gt == k).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 4)), "iscrowd": 0,
+                         "segmentation": rle, "area": float(mask_util.area(rle)), "bbox": list(mask_util.toBbox(rle))})
+        for k in range(7):
+            rle = mask_util.encode(np.asfortranarray((pred == k).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            preds.append({"image_id": i + 1, "segmentation": rle, "score": float(rng.random()), "category_id": 5})
+    cats = [{"id": c, "name": str(c)} for c in (1, 2, 3)]
+    return {"images": images, "annotations": anns, "categories": cats}, preds
+
+
+def test_ap_equals_direct_pycocotools_with_categories_forced():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, preds = _coco_case(np.random.default_rng(0))
+    ours = evaluate_entities(gt, preds, use_faster=False)
+    g = json.loads(json.dumps(gt))
+    g["categories"] = [{"id": 1, "name": "entity"}]
+    for a in g["annotations"]:
+        a["category_id"] = 1
+    coco = COCO()
+    coco.dataset = g
+    coco.createIndex()
+    dt = coco.loadRes([{**p, "category_id": 1} for p in preds])
+    ev = COCOeval(coco, dt, "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ours["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
+    assert ours["AP50"] == pytest.approx(100 * ev.stats[1], abs=1e-9)
+    assert ours["AR100"] == pytest.approx(100 * ev.stats[8], abs=1e-9)
+
+
+def test_ap_hand_computed():
+    """One ground truth, one prediction with IoU 0.625: matched at IoU thresholds 0.50, 0.55, 0.60 only,
+    so AP = 3/10 of the thresholds with precision 1 = 30.0."""
+    gt_mask = np.zeros((20, 20), np.uint8)
+    gt_mask[:, :10] = 1  # 200 px
+    pred_mask = np.zeros((20, 20), np.uint8)
+    pred_mask[:, 3:11] = 1  # 160 px; intersection 140, union 220 -> 0.636
+    pred_mask[:, 3] = 0  # 140 px; intersection 120 (cols 4..9 = 6*20), union 220 -> 0.545
+    pred_mask[:, 4:11] = 1
+    inter = (gt_mask & pred_mask).sum()
+    union = (gt_mask | pred_mask).sum()
+    iou = inter / union
+    rle = lambda m: {**mask_util.encode(np.asfortranarray(m)), "counts": mask_util.encode(np.asfortranarray(m))["counts"].decode()}  # noqa: E731
+    gt = {"images": [{"id": 1, "height": 20, "width": 20}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "segmentation": rle(gt_mask), "area": 200.0, "bbox": [0, 0, 10, 20]}],
+          "categories": [{"id": 7, "name": "x"}]}
+    metrics = evaluate_entities(gt, [{"image_id": 1, "segmentation": rle(pred_mask), "score": 0.9}], use_faster=False)
+    thresholds = np.linspace(0.5, 0.95, 10)
+    expected = 100.0 * np.mean(iou >= thresholds - 1e-12)
+    assert metrics["AP"] == pytest.approx(expected)
+    assert metrics["AP50"] == 100.0 and metrics["AP75"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval.py / infer.py end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained for a few iterations on synthetic data (and the data)."""
+    from cropformer.data.synthetic import make_synthetic_dataset
+    from cropformer.engine import train
+
+    root = tmp_path_factory.mktemp("e2e")
+    make_synthetic_dataset(root / "train", 4, (96, 128), seed=0)
+    make_synthetic_dataset(root / "val", 3, (96, 128), seed=1)
+    cfg = load_config("tiny", [
+        f"data.train_json=\"{root / 'train/annotations.json'}\"", f"data.train_images=\"{root / 'train/images'}\"",
+        "input.min_size_train=[96]", "input.min_size_test=96", "loss.num_points=256",
+        "solver.ims_per_batch=2", "solver.max_iter=2", "data.num_workers=0", f"output_dir=\"{root / 'out'}\"",
+    ])
+    summary = train(cfg, device="cpu")
+    return root, Path(summary["weights"])
+
+
+def test_eval_cli_writes_metrics_and_coco_predictions(trained):
+    import eval as eval_cli
+    from pycocotools.coco import COCO
+
+    root, weights = trained
+    out = root / "eval_out"
+    assert eval_cli.main(["--ckpt", str(weights), "--data", str(root / "val/annotations.json"),
+                          "--images", str(root / "val/images"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["metrics"]["AP"] <= 100.0 and metrics["images"] == 3
+    preds = json.loads((out / "predictions.json").read_text())
+    coco = COCO(str(root / "val/annotations.json"))
+    coco.loadRes(preds)  # loads with stock pycocotools
+    # --preds re-scores the same file without a model: same numbers
+    assert eval_cli.main(["--data", str(root / "val/annotations.json"), "--preds", str(out / "predictions.json"),
+                          "--out", str(root / "eval_again")]) == 0
+    again = json.loads((root / "eval_again/metrics.json").read_text())
+    assert again["metrics"]["AP"] == pytest.approx(metrics["metrics"]["AP"])
+
+
+def test_infer_cli_outputs_resume_and_bad_images(trained, capsys):
+    import infer as infer_cli
+
+    root, weights = trained
+    inputs = root / "infer_in"
+    inputs.mkdir()
+    for p in sorted((root / "val/images").iterdir())[:2]:
+        (inputs / p.name).write_bytes(p.read_bytes())
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = root / "infer_out"
+    assert infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out)]) == 0
+    assert "1 unreadable" in capsys.readouterr().out
+    for p in sorted(inputs.glob("0*.jpg")):
+        id_map = cv2.imread(str(out / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED)
+        meta = json.loads((out / f"{p.stem}.json").read_text())
+        assert id_map.shape == (meta["height"], meta["width"]) == (96, 128)
+        for e in meta["entities"]:  # the PNG and the RLE JSON agree
+            assert np.array_equal(mask_util.decode(e["segmentation"]).astype(bool), id_map == e["id"])
+        vis = cv2.imread(str(out / f"{p.stem}_overlay.jpg"))
+        assert vis.shape[:2] == (96, 128)
+    assert infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out)]) == 0
+    assert "2 already done (skipped)" in capsys.readouterr().out
+
+
+def test_id_map_png_is_16_bit_above_255_entities(tmp_path):
+    import infer as infer_cli
+    from cropformer.inference import Entities
+
+    id_map = (np.arange(40 * 30).reshape(40, 30) % 300 + 1).astype(np.int32)
+    ent = Entities(id_map, np.ones(300, np.float32), np.bincount(id_map.ravel())[1:], np.arange(300))
+    infer_cli.write_outputs(tmp_path, "many", Path("many.png"), ent, np.zeros((40, 30, 3), np.uint8), 0)
+    back = cv2.imread(str(tmp_path / "many.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, id_map)
+
+
+def test_overlay_sizes_and_boundaries():
+    id_map = np.zeros((30, 40), np.int32)
+    id_map[5:15, 5:20] = 1
+    id_map[15:25, 10:30] = 2
+    image = np.full((30, 40, 3), 100, np.uint8)
+    vis = overlay(image, id_map)
+    assert vis.shape == (30, 40, 3) and vis.dtype == np.uint8
+    b = boundaries(id_map)
+    assert (vis[b] == 255).all()
+    changes = (id_map[:, :-1] != id_map[:, 1:])
+    assert b[:, :-1][changes].all()
+    interior = ~b & (id_map == 1)
+    interior[4:6] = interior[14:16] = False
+    assert not (vis[interior] == 255).all(axis=-1).any()
+    assert (vis[id_map == 0 & ~b] == 100).all()
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay(image, id_map[:10])
