@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         bar.update(1, entities=len(ent.scores))
     bar.close()
     print(f"{done} segmented, {skipped} already done (skipped), {failed} unreadable -> {out}")
-    return 0 if failed == 0 or done > 0 else 1
+    return 1 if paths and failed == len(paths) else 0  # unreadable images are reported, not fatal
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-LN2 = math.log(2.0)
-LOG2E = 1.0 / LN2
+LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
@@ -42,7 +41,8 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. UPCAST (interpreter only): the Triton interpreter multiplies the bit
     patterns of bf16 operands (triton-lang/triton#11584), so feed it the exact fp32 values instead."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
 
 
@@ -60,7 +60,8 @@ def _masked_attention_rows_kernel(
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     valid = (rows[:, None] < Q) & (cols[None, :] < K)
-    x = tl.load(logits_ptr + b * s_lb + rows[:, None] * s_lq + cols[None, :] * s_lk, mask=valid, other=-1.0).to(tl.float32)
+    x = tl.load(logits_ptr + b * s_lb + rows[:, None] * s_lq + cols[None, :] * s_lk, mask=valid, other=-1.0)
+    x = x.to(tl.float32)  # compare values, not bf16 bit patterns, under the interpreter too
     # `not (x < 0)` rather than `x >= 0`: a NaN logit is open, exactly as in the torch reference.
     key_open = tl.where(valid & (x < 0), 0, 1)
     key_open = tl.where(valid, key_open, 0)
@@ -130,7 +131,7 @@ def _masked_attention_fwd_kernel(
     empty = l == 0.0
     l_safe = tl.where(empty, 1.0, l)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (tl.where(empty, 0.0, m) + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (tl.where(empty, 0.0, m) + tl.log2(l_safe)) * 0.6931471805599453)  # ln 2
     row_off = ((split * B + b) * H + h).to(tl.int64) * Q + rows
     tl.store(o_ptr + row_off[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_valid[:, None] & dim_valid[None, :])
@@ -165,10 +166,10 @@ def _masked_attention_bwd_dkdv_kernel(
     q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     do_base = do_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
     l_base = logits_ptr + b.to(tl.int64) * s_lb
-    k = tl.load(k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + cols[:, None] * s_kk + dims[None, :] * s_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + cols[:, None] * s_vk + dims[None, :] * s_vd,
-                mask=kv_mask, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    k = tl.load(k_base + cols[:, None] * s_kk + dims[None, :] * s_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * s_vk + dims[None, :] * s_vd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for start in range(0, Q, BLOCK_Q):
@@ -222,10 +223,10 @@ def _masked_attention_bwd_dq_kernel(
     k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     l_base = logits_ptr + b.to(tl.int64) * s_lb
-    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + rows[:, None] * s_qq + dims[None, :] * s_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + rows[:, None] * s_oq + dims[None, :] * s_od,
-                 mask=q_mask, other=0.0)
+    q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    do_base = do_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+    q = tl.load(q_base + rows[:, None] * s_qq + dims[None, :] * s_qd, mask=q_mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * s_oq + dims[None, :] * s_od, mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + bh * Q + rows, mask=row_valid, other=0.0)
     delta = tl.load(delta_ptr + bh * Q + rows, mask=row_valid, other=0.0)
     row_open = tl.load(row_open_ptr + b * Q + rows, mask=row_valid, other=0)
@@ -256,17 +257,15 @@ def _masked_attention_bwd_dq_kernel(
 # Launchers: allocate, pick blocks / splits / grid.
 # ----------------------------------------------------------------------------------------------------
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul policy (TF32 only when the user allowed it); 16-bit is exact.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # fp32 follows torch's own matmul policy (TF32 only when the user allowed it); fp16/bf16 products
+    # are exact in fp32 so the setting does not apply to them, except under the interpreter's upcast.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 or _upcast(dtype):
         return "ieee"
     return "tf32"
 
@@ -285,13 +284,15 @@ def _blocks(Q: int, D: int, block_q: int | None, block_k: int | None) -> tuple[i
     return block_q, block_k, block_d
 
 
-def _splits(device: torch.device, programs: int, K: int, block_k: int, num_splits: int | None) -> tuple[int, int]:
+def _splits(device: torch.device, programs: int, K: int, block_k: int, num_splits: int | None
+            ) -> tuple[int, int]:
     """(num_splits, keys_per_split): enough key splits for about two programs per SM, each split at
     least 4 key blocks long so the partial outputs stay small next to the keys they summarise."""
     k_blocks = triton.cdiv(K, block_k)
     if num_splits is None:
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
+        sms = 1  # CPU: the interpreter, one program at a time
+        if device.type == "cuda":
+            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         num_splits = max(1, min(triton.cdiv(2 * sms, programs), k_blocks // 4))
     blocks_per_split = triton.cdiv(k_blocks, max(1, min(num_splits, k_blocks)))
     keys_per_split = blocks_per_split * block_k
@@ -305,8 +306,7 @@ def masked_attention_row_open(mask_logits: torch.Tensor) -> torch.Tensor:
     block_q, block_k = 32, 128
     grid = (triton.cdiv(K, block_k), triton.cdiv(Q, block_q), B)
     _masked_attention_rows_kernel[grid](
-        mask_logits, row_open, Q, K, *mask_logits.stride(), BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4,
-    )
+        mask_logits, row_open, Q, K, *mask_logits.stride(), BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4)
     return row_open
 
 
@@ -339,8 +339,8 @@ def masked_attention_forward(q, k, v, mask_logits, *, block_q=None, block_k=None
         q, k, v, mask_logits, row_open, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(),
         B, H, Q, K, D, keys_per_split, D ** -0.5 * LOG2E,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=4, num_stages=2,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
     )
     if num_splits == 1:
         return o[0], lse[0], row_open
@@ -365,7 +365,8 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
         q, k, v, mask_logits, row_open, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
         H, Q, K, D, qk_scale_log2, D ** -0.5,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
+        num_warps=4, num_stages=2,
     )
 
     q_blocks = triton.cdiv(Q, block_q)
@@ -376,7 +377,8 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
         q, k, v, mask_logits, row_open, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
         B, H, Q, K, D, keys_per_split, qk_scale_log2, D ** -0.5,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
+        num_warps=4, num_stages=2,
     )
     dq = dq[0] if num_splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv

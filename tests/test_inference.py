@@ -130,26 +130,20 @@ def test_ap_equals_direct_pycocotools_with_categories_forced():
 
 
 def test_ap_hand_computed():
-    """One ground truth, one prediction with IoU 0.625: matched at IoU thresholds 0.50, 0.55, 0.60 only,
-    so AP = 3/10 of the thresholds with precision 1 = 30.0."""
+    """One ground truth, one prediction with IoU 140/220 = 0.636: matched at IoU thresholds 0.50, 0.55 and
+    0.60 only, with precision 1 there, so AP = 3/10 = 30.0."""
     gt_mask = np.zeros((20, 20), np.uint8)
     gt_mask[:, :10] = 1  # 200 px
     pred_mask = np.zeros((20, 20), np.uint8)
-    pred_mask[:, 3:11] = 1  # 160 px; intersection 140, union 220 -> 0.636
-    pred_mask[:, 3] = 0  # 140 px; intersection 120 (cols 4..9 = 6*20), union 220 -> 0.545
-    pred_mask[:, 4:11] = 1
-    inter = (gt_mask & pred_mask).sum()
-    union = (gt_mask | pred_mask).sum()
-    iou = inter / union
+    pred_mask[:, 3:11] = 1  # 160 px; intersection 140, union 220
+    assert (gt_mask & pred_mask).sum() == 140 and (gt_mask | pred_mask).sum() == 220
     rle = lambda m: {**mask_util.encode(np.asfortranarray(m)), "counts": mask_util.encode(np.asfortranarray(m))["counts"].decode()}  # noqa: E731
     gt = {"images": [{"id": 1, "height": 20, "width": 20}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "segmentation": rle(gt_mask), "area": 200.0, "bbox": [0, 0, 10, 20]}],
           "categories": [{"id": 7, "name": "x"}]}
     metrics = evaluate_entities(gt, [{"image_id": 1, "segmentation": rle(pred_mask), "score": 0.9}], use_faster=False)
-    thresholds = np.linspace(0.5, 0.95, 10)
-    expected = 100.0 * np.mean(iou >= thresholds - 1e-12)
-    assert metrics["AP"] == pytest.approx(expected)
-    assert metrics["AP50"] == 100.0 and metrics["AP75"] == 0.0
+    assert metrics["AP"] == pytest.approx(30.0)
+    assert metrics["AP50"] == pytest.approx(100.0) and metrics["AP75"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import contextlib
 import io
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -134,8 +135,8 @@ def _open(path: str, data: bytes) -> Image.Image:
 def _info(path: str, im: Image.Image) -> ImageInfo:
     try:
         orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block is ignored by detectron2's reader as well
-        orientation = 1
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        orientation = 1  # a broken EXIF block: no orientation, as detectron2's reader does
     if orientation not in range(1, 9):
         orientation = 1
     w, h = im.size

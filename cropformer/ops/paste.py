@@ -2,7 +2,8 @@
 
 `paste_entities` is the one dispatch point; `paste_entities_ref` is the readable torch reference (the
 definition of correctness). Fast paths: C++ (OpenMP) on CPU and CUDA on GPU, both in `csrc/paste/`
-with the per-pixel math shared in `csrc/paste/paste.h`.
+with the per-pixel math shared in `csrc/paste/paste.h`, and Triton (`kernels/paste.py`) on GPU when the
+CUDA extension is not built.
 
 What is computed (the released CropFormer's `inference_whole_views`, and the Mask2Former baseline with
 one view): for each view v, its mask logits (at 1/4 of the padded network input) are resized bilinearly
@@ -29,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ._dispatch import has_compiled_op, has_cuda_kernels, resolve
+from ._dispatch import has_compiled_op, has_cuda_kernels, resolve, triton_usable
 
 SCORE_MODES = ("mean_prob", "original")
 STRIDE = 4  # mask logits are at 1/4 of the padded network input
@@ -298,28 +299,32 @@ def _compiled_usable(device: torch.device, kind: str) -> bool:
     return device.type == "cuda" and has_cuda_kernels()
 
 
+# Auto: CUDA, then Triton on a GPU; C++ on CPU. Triton on CPU (interpreter) only when asked for.
 _PREFERENCE = (
     ("cuda", lambda d, t: _compiled_usable(d, "cuda"), "CUDA kernel"),
     ("cpu", lambda d, t: _compiled_usable(d, "cpu"), "C++ OpenMP kernel"),
+    ("triton", lambda d, t: triton_usable(d), "Triton kernels"),
 )
 
-# Tile side per device: small tiles prune finely; each tile costs one pass over its support per query.
-_TILE = {"cpu": 64, "cuda": 32}
+# Tile side per backend: small tiles prune finely; each tile costs one pass over its support per
+# query. Triton: the kernel's fixed TILE (32).
+_TILE = {"cpu": 64, "cuda": 32, "triton": 32}
 
 
-def _paste_compiled(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, tile):
-    """Run the compiled kernel; returns (id_map, scores, areas, pairs_evaluated)."""
+def _paste_fast(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend):
+    """Run a fast path ("cpu", "cuda" or "triton"); returns (id_map, scores, areas, pairs_evaluated)."""
     V, Q, h, w = view_logits.shape
     device = view_logits.device
-    plan = _plan(sizes, boxes, h, w, H, W, tile)
-    order = _rank_order(class_scores).to(torch.int32)
-    id_map, prob_sum, area, evaluated = torch.ops.cropformer_C.paste_entities(
-        view_logits.detach().to(torch.float32).contiguous(),
-        *(t.to(device) for t in plan),
-        order.to(device),
-        float(mask_threshold),
-        SCORE_MODES.index(score_mode),
-    )
+    plan = [t.to(device) for t in _plan(sizes, boxes, h, w, H, W, _TILE[backend])]
+    order = _rank_order(class_scores).to(device, torch.int32)
+    args = (view_logits.detach().to(torch.float32).contiguous(), *plan, order, float(mask_threshold),
+            SCORE_MODES.index(score_mode))
+    if backend == "triton":
+        from kernels.paste import paste_entities_fwd
+
+        id_map, prob_sum, area, evaluated = paste_entities_fwd(*args)
+    else:
+        id_map, prob_sum, area, evaluated = torch.ops.cropformer_C.paste_entities(*args)
     return id_map, _scores(class_scores, prob_sum, area, score_mode), area, int(evaluated.item())
 
 
@@ -348,7 +353,8 @@ def paste_entities(
         score_mode: "mean_prob" (ours): class score x mean fused probability over the final mask;
             "original" (parity with the released code): class score x sum(sigmoid(fused probability))
             / (area + 1e-6), the double sigmoid.
-        backend: "auto" | "torch" | "cpu" | "cuda" (see `cropformer.ops._dispatch.resolve`).
+        backend: "auto" | "torch" | "cpu" | "cuda" | "triton" (see `cropformer.ops._dispatch.resolve`;
+            auto: CUDA kernel, else Triton, on GPU; C++ kernel on CPU; else the torch reference).
 
     Returns:
         id_map: H x W int32, 0 = no entity, k = query k - 1. Pixels covered by no view are 0.
@@ -365,8 +371,7 @@ def paste_entities(
     choice = resolve("paste_entities", backend, view_logits.device, view_logits.dtype, _PREFERENCE)
     if choice == "torch":
         return paste_entities_ref(view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode)
-    tile = _TILE[choice]
-    id_map, scores, area, _ = _paste_compiled(
-        view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, tile
+    id_map, scores, area, _ = _paste_fast(
+        view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, choice
     )
     return id_map, scores, area

@@ -101,7 +101,7 @@ def run_one(method: str, size: str, device: str) -> dict:
     """Body of one subprocess: build the inputs, time `method`, report peak memory."""
     import resource
 
-    from cropformer.ops.paste import _check_inputs, _paste_compiled, paste_entities
+    from cropformer.ops.paste import _check_inputs, _paste_fast, paste_entities
     from tests.ops.test_paste import blob_inputs
 
     H, W = SIZES[size]
@@ -123,8 +123,8 @@ def run_one(method: str, size: str, device: str) -> dict:
             times.append(time.perf_counter() - t0)
         times = times[1:]
         sizes_, boxes_, _, _ = _check_inputs(logits, sizes, boxes, scores, (H, W), 0.5, "original")
-        tile = 32 if device == "cuda" else 64
-        *_, evaluated = _paste_compiled(logits, sizes_, boxes_, scores, H, W, 0.5, "original", tile)
+        backend = "cuda" if device == "cuda" else "cpu"
+        *_, evaluated = _paste_fast(logits, sizes_, boxes_, scores, H, W, 0.5, "original", backend)
         record["evaluated_frac"] = evaluated / (H * W * Q)
     else:
         t0 = time.perf_counter()

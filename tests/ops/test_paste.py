@@ -16,17 +16,20 @@ mismatch is such a pixel.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
-import pytest
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
 
-from cropformer.ops._dispatch import has_compiled_op
-from cropformer.ops.paste import (
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cropformer.ops._dispatch import has_compiled_op, triton_usable  # noqa: E402
+from cropformer.ops.paste import (  # noqa: E402
     _axis_matrix,
     _axis_taps,
     _linear_taps,
@@ -36,7 +39,7 @@ from cropformer.ops.paste import (
     paste_entities,
     paste_entities_ref,
 )
-from tests.conftest import REPO, assert_close, cuda_or_skip
+from tests.conftest import REPO, assert_close, cuda_or_skip  # noqa: E402
 
 NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
 
@@ -243,12 +246,12 @@ def test_threshold_and_uncovered_pixels(threshold):
 def test_pruning_skips_most_pairs_on_blob_masks():
     """Localised masks (as trained models give) leave few (pixel, query) pairs to evaluate."""
     compiled_or_skip()
-    from cropformer.ops.paste import _check_inputs, _paste_compiled
+    from cropformer.ops.paste import _check_inputs, _paste_fast
 
     V, Q, H, W = 5, 50, 301, 403
     logits, sizes, boxes, scores = blob_inputs(V, Q, H, W)
     sizes_, boxes_, _, _ = _check_inputs(logits, sizes, boxes, scores, (H, W), 0.5, "mean_prob")
-    id_map, sc, area, evaluated = _paste_compiled(logits, sizes_, boxes_, scores, H, W, 0.5, "mean_prob", 64)
+    id_map, sc, area, evaluated = _paste_fast(logits, sizes_, boxes_, scores, H, W, 0.5, "mean_prob", "cpu")
     ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W))
     assert_results_match((id_map, sc, area), ref, fused_probs(logits, sizes, boxes, H, W))
     assert evaluated < 0.1 * H * W * Q, f"evaluated {evaluated / (H * W * Q):.3f} of the pairs"
@@ -280,18 +283,37 @@ def blob_inputs(V, Q, H, W, seed=0, short=200):
     return logits, sizes, boxes, torch.rand(Q, generator=g)
 
 
+# Triton under the interpreter on CPU: small outputs (it is slow), still with partial tiles (37, 45 are
+# not multiples of 32), V = 1 and 5, Q = 1 and 7, and a tiled-score case.
+@pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
+@pytest.mark.parametrize("V,Q,H,W", [(1, 7, 37, 45), (5, 7, 37, 45), (5, 1, 23, 17), (2, 3, 70, 33)])
+def test_triton_matches_reference(score_mode, V, Q, H, W):
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=H + V + Q)
+    if Q == 3:
+        scores = torch.tensor([0.5, 0.5, 0.5])  # all tied: the lowest index wins
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode=score_mode)
+    out = paste_entities(logits, sizes, boxes, scores, (H, W), score_mode=score_mode, backend="triton")
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name="triton")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
 @pytest.mark.parametrize("V,Q,H,W", [(1, 7, 97, 131), (5, 100, 97, 131), (5, 1, 23, 17), (2, 100, 333, 257)])
-def test_cuda_kernel_matches_reference(score_mode, V, Q, H, W):
+def test_gpu_kernels_match_reference(backend, score_mode, V, Q, H, W):
     device = cuda_or_skip()
-    compiled_or_skip()
+    if backend == "cuda":
+        compiled_or_skip()
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiled Triton needs TRITON_INTERPRET=0")
     logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=H + V + Q)
     ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode=score_mode)
     out = paste_entities(logits.to(device), sizes, boxes, scores.to(device), (H, W), score_mode=score_mode,
-                         backend="cuda")
+                         backend=backend)
     assert out[0].device.type == "cuda"
-    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name="cuda")
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name=backend)
 
 
 # ----------------------------------------------------------------------------------------------------
