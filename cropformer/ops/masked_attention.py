@@ -4,7 +4,7 @@ Backends behind `masked_cross_attention`:
 
 - ``torch``: `masked_cross_attention_ref`, the definition of correctness (any device and dtype).
 - ``cpu``: `F.scaled_dot_product_attention` with the B x 1 x Q x K bool mask broadcast over heads, so
-  torch's fused CPU attention kernel runs without scores or a per-head mask (any floating dtype).
+  torch's fused CPU attention (flash) kernel runs without a per-head mask (any floating dtype).
 - ``triton``: `kernels/masked_attention.py`, a flash-attention kernel pair that decides the mask from
   the logits inside the kernel (GPU; CPU only under TRITON_INTERPRET=1, for tests). It is registered as
   the custom op ``torch.ops.cropformer.masked_cross_attention_fwd`` (+ ``_bwd``) with fake
@@ -88,9 +88,9 @@ def masked_cross_attention_ref(q, k, v, mask_logits, query_chunk: int | None = N
         B x H x Q x D.
 
     Memory: queries are processed in chunks (rows are independent), the mask is computed per chunk
-    and broadcast over heads, and under autograd each chunk is recomputed in backward (activation
-    checkpointing), so neither pass holds the B x H x Q x K scores or any per-head mask; the largest
-    live tensors are a few B x H x chunk x K.
+    and broadcast over heads (never expanded per head), and under autograd each chunk is recomputed
+    in backward (activation checkpointing), so neither pass holds more than one chunk's scores: the
+    largest live tensors are a few B x H x chunk x K (~64 MiB each by default).
     """
     _check_inputs(q, k, v, mask_logits)
     B, H, Q, _ = q.shape

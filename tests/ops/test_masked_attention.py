@@ -11,7 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from cropformer.ops import masked_attention as ma  # noqa: E402
 from cropformer.ops._dispatch import triton_interpret, triton_usable  # noqa: E402
@@ -60,7 +59,8 @@ def dense_formula(q, k, v, mask_logits):
     B, H, Q, D = q.shape
     blocked = mask_logits < 0
     blocked = blocked & ~blocked.all(-1, keepdim=True)
-    bias = torch.zeros(B, H, Q, k.shape[2], dtype=q.dtype).masked_fill(blocked[:, None].expand(B, H, -1, -1), float("-inf"))
+    per_head = blocked[:, None].expand(B, H, Q, k.shape[2])
+    bias = torch.zeros(per_head.shape, dtype=q.dtype).masked_fill(per_head, float("-inf"))
     weights = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5 + bias, dim=-1)
     return weights @ v
 
