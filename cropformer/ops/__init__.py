@@ -10,25 +10,22 @@ readable torch reference (the definition of correctness) in the same module.
 | paste_entities            | ops/paste.py             |
 | id_map_to_rle             | ops/rle.py               |
 
-Modules are imported on first use so that importing `cropformer.ops` stays cheap.
+The functions are imported eagerly: a lazy `__getattr__` would be shadowed by the submodule of the
+same name (`ms_deform_attn`) once anything imports that submodule. Kernel modules (`kernels/`,
+`torch.ops.cropformer_C`) are still loaded only when a fast path is first used.
 """
-import importlib
+from .masked_attention import masked_cross_attention
+from .ms_deform_attn import ms_deform_attn
+from .paste import paste_entities
+from .point_mask import point_mask_cost, point_mask_loss, sample_uncertain_points
+from .rle import id_map_to_rle
 
-_OPS = {
-    "ms_deform_attn": "ms_deform_attn",
-    "masked_cross_attention": "masked_attention",
-    "point_mask_cost": "point_mask",
-    "point_mask_loss": "point_mask",
-    "sample_uncertain_points": "point_mask",
-    "paste_entities": "paste",
-    "id_map_to_rle": "rle",
-}
-
-__all__ = list(_OPS)
-
-
-def __getattr__(name):
-    if name in _OPS:
-        module = importlib.import_module(f"{__name__}.{_OPS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "ms_deform_attn",
+    "masked_cross_attention",
+    "point_mask_cost",
+    "point_mask_loss",
+    "sample_uncertain_points",
+    "paste_entities",
+    "id_map_to_rle",
+]
