@@ -147,6 +147,7 @@ def make_evaluator(cfg, gt_json: str | None = None, images_dir: str | None = Non
         preds, stats = predict_dataset(segmenter, gt_json, images_dir)
         metrics = evaluate_entities(gt_json, preds) if dist_utils.get_rank() == 0 else {}
         if dist_utils.get_rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
             print(f"iteration {iteration}: AP^e on {gt_json}\n{format_table(metrics)}")
             (out_dir / f"eval_{iteration}.json").write_text(json.dumps({"iteration": iteration, "metrics": metrics, **stats}, indent=1))
         return metrics

@@ -91,7 +91,11 @@ def make_synthetic_image(
             cv2.fillPoly(labels, [cv2.convexHull(pts)], nid)
         nid += 1
     # Thin structures: widths in absolute pixels at high resolution, relative to the image otherwise.
-    thin = (lambda: int(rng.integers(1, 5))) if hi_res else (lambda: max(2, int(round(side * rng.uniform(0.008, 0.02)))))
+    def thin() -> int:
+        if hi_res:
+            return int(rng.integers(1, 5))
+        return max(2, int(round(side * rng.uniform(0.008, 0.02))))
+
     for _ in range(int(rng.integers(1, 3))):  # railings: bars + rail, one entity
         t = thin()
         x0, x1 = sorted(rng.uniform(0, w, 2))

@@ -240,16 +240,19 @@ def paste_entities_ref(
         # The original divides by (count + 1e-16): equal to count wherever count >= 1, and uncovered
         # pixels get 0 either way.
         count = count.clamp_min(1)
+        # Per view overlapping these rows: (its rows ya..yb, their (yb - ya) x h matrix).
+        row_mats = {}
+        for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
+            ya, yb = max(r0, y0), min(r1, y1)
+            if ya < yb:
+                row_mats[v] = (ya, yb, _axis_matrix(h, rows, y1 - y0, torch.arange(ya - y0, yb - y0)).to(device))
         win_rank = torch.full((r1 - r0, W), Q, dtype=torch.int64, device=device)  # Q = no entity yet
         win_prob = torch.zeros(r1 - r0, W, dtype=torch.float64, device=device)
         for c0 in range(0, Q, qc):  # queries in descending class score
             queries = order[c0 : c0 + qc]
             fused = torch.zeros(len(queries), r1 - r0, W, dtype=torch.float64, device=device)
-            for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
-                ya, yb = max(r0, y0), min(r1, y1)
-                if ya >= yb:
-                    continue
-                row_mat = _axis_matrix(h, rows, y1 - y0, torch.arange(ya - y0, yb - y0)).to(device)
+            for v, (ya, yb, row_mat) in row_mats.items():
+                x0, x1 = boxes[v][0], boxes[v][2]
                 # (yb - ya) x h @ q x h x w @ w x (x1 - x0) -> q x (yb - ya) x (x1 - x0)
                 view_logit = row_mat @ logits[v, queries] @ col_mats[v].T
                 fused[:, ya - r0 : yb - r0, x0:x1] += view_logit.sigmoid()

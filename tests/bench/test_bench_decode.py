@@ -159,7 +159,8 @@ def test_bench_decode(tmp_path, name):
     img_ratio = res["full"]["median_ms"] / res["reduced"]["median_ms"]
     mask_ratio = res["masks_full"]["median_ms"] / res["masks_rle"]["median_ms"]
     print(f"\n{name} JPEG ({jpg.stat().st_size / 1e6:.1f} MB), train views at short side 800 (full + 1 crop):")
-    print(f"  images full decode + resize : {res['full']['median_ms']:8.1f} ms  peak {res['full']['peak_mem'] / 2**20:7.1f} MiB")
+    print(f"  images full decode + resize : {res['full']['median_ms']:8.1f} ms  "
+          f"peak {res['full']['peak_mem'] / 2**20:7.1f} MiB")
     print(f"  images reduced 1/{res['reduced']['reduction']} + resize: {res['reduced']['median_ms']:8.1f} ms  "
           f"peak {res['reduced']['peak_mem'] / 2**20:7.1f} MiB  -> {img_ratio:.2f}x faster, "
           f"mean |diff| per view {['%.2f' % d for d in diffs]}")

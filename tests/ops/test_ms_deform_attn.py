@@ -177,11 +177,12 @@ def test_cpu_kernel_parity(case, dtype):
     check_parity("cpu", case, dtype)
 
 
-@pytest.mark.parametrize("threads", [3, 4])
+@pytest.mark.parametrize("threads", [4, 7])
 @pytest.mark.parametrize("case", ["odd3", "d32"])
 def test_cpu_kernel_query_chunks(case, threads):
-    """More threads than B*H partitions can balance: queries are split into chunks with private
-    grad_value buffers (B*H = 6 with 4 threads, 24 = 8 * 3 with 3 threads)."""
+    """Thread counts that B*H partitions cannot balance: the backward splits queries into chunks with
+    private grad_value buffers (query_chunks in the .cpp: odd3, B*H = 6: 3 chunks with 4 threads, 5 with
+    7; d32, B*H = 24: direct with 4 threads, 2 chunks with 7)."""
     cpu_kernel_or_skip()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -234,7 +235,8 @@ def test_gradcheck(backend):
     def fn(v, sl, aw):
         return ms_deform_attn(v, shapes, starts, sl, aw, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-6)
+    # the interpreter is slow: fast mode checks random projections of the Jacobian instead of every column
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-6, fast_mode=backend == "triton")
 
 
 # ----------------------------------------------------------------------------------------------------
