@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--score-mode", choices=["mean_prob", "original"])
     p.add_argument("--min-area", type=int)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full resolution (parity path)")
+    p.add_argument("--reduced-decode", action="store_true",
+                   help="decode big JPEGs at reduced resolution (faster; default is the full decode the released numbers need)")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint or predictions)")
     args = p.parse_args(argv)
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.cfg, args.set) if args.cfg else None
         seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, device=device, mode=args.mode,
                                         score_mode=args.score_mode, min_area=args.min_area)
-        preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=not args.full_decode)
+        preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")
     if dist_utils.get_rank() != 0:
         return 0

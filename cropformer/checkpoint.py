@@ -1,21 +1,35 @@
-"""Checkpoints: written atomically, loaded without executing pickled code.
+"""Checkpoints: written atomically, read without executing code from the file.
 
-Two formats:
+Our formats:
 - training checkpoints (`.pth`): model, optimiser, scheduler, scaler, RNG states of every rank, data
   position, iteration and the resolved config, saved with `torch.save` to a temporary file in the same
   folder, fsynced, then renamed over the target (a crash mid-write leaves the previous file intact);
   loaded with `torch.load(weights_only=True)`, so nothing in the file can run code.
-- exported weights (`.safetensors`): the model's state dict, with the resolved config as JSON in the
-  file's metadata (and beside it as `<name>.json`).
-Official checkpoints of the original implementation are recognised by their key names and converted
-through the rename table in `cropformer.convert`.
+- weights (`.safetensors`): our state dict, with the resolved config as JSON in the file's metadata
+  and beside it as `<name>.json`; or a weights-only `.pth` ({"model": state[, "config": dict]}).
+
+Files from elsewhere (`read_checkpoint`): the original's detectron2 `.pth` (weights under "model" or at
+the top level), detectron2 `.pkl` files (pickled dicts of numpy arrays, or of torch tensors as
+Mask2Former's converted Swin weights), official Swin / HorNet / torchvision ImageNet `.pth`, and HF
+Mask2Former `.safetensors` / `.bin`. Torch files are read with `weights_only=True`; other pickles with
+`SafeUnpickler`, which builds only numpy arrays, torch tensors and plain containers and refuses any
+other global, so a malicious file fails before anything runs. Key names are converted through
+`cropformer.convert`, and `check_fit` refuses weights that do not fit a model, naming the first
+mismatching keys (`load_model_weights`).
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
+import math
 import os
+import pickle
 import random
+import re
 import tempfile
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +37,9 @@ import numpy as np
 import torch
 
 from .config import Config, from_dict, to_dict
-from .convert import original_to_ours
+from .convert import OUR_COMPONENTS, ConversionReport, _first, convert_state_dict
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | Path, write_fn) -> None:
@@ -81,26 +97,137 @@ def load_training_checkpoint(path: str | Path) -> dict:
         raise RuntimeError(f"{path}: not a loadable weights-only checkpoint ({exc})") from None
 
 
-def export_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> None:
-    """Write `<path>.safetensors` (+ `<path>.json` with the config) atomically."""
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------------------------------
+# Reading pickles without running their code
 
+
+def _numpy_module(name: str):
+    """numpy's `core` submodules, named `numpy.core.*` in pickles from numpy 1 and `numpy._core.*`
+    from numpy 2; either name resolves to the installed module."""
+    import importlib
+
+    core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+    return importlib.import_module(f"{core}.{name}")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """`torch._utils._rebuild_tensor_v2` without the hooks and metadata a pickle could carry."""
+    untyped = storage._untyped_storage if isinstance(storage, torch.TypedStorage) else storage
+    return torch.empty(0, dtype=storage.dtype).set_(untyped, storage_offset, size, stride)
+
+
+def _storage_from_bytes(data: bytes):
+    """`torch.storage._load_from_bytes`, but weights-only: the bytes are a torch.save'd storage."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    import codecs
+    import collections
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1")
+        ("_codecs", "encode"): codecs.encode,
+        # torch tensors pickled with plain pickle (Mask2Former's convert-pretrained-swin-model-to-d2.py)
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    }
+    multiarray, numeric = _numpy_module("multiarray"), _numpy_module("numeric")
+    for prefix in ("numpy.core", "numpy._core"):
+        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_"):
+        allowed[("numpy", name)] = getattr(np, name)
+    return allowed
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler for detectron2 `.pkl` weights: builds numpy arrays, torch tensors and plain containers
+    (dict, list, tuple, str, numbers) and refuses every other global, so unpickling cannot call
+    os.system, open, eval or any constructor with side effects."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str):
+        if SafeUnpickler._allowed is None:
+            SafeUnpickler._allowed = _allowed_globals()
+        try:
+            return SafeUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: only numpy arrays, torch tensors and plain "
+                "containers are allowed in a weights pickle"
+            ) from None
+
+
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a non-zip torch.save file
+
+
+def load_pickled(path: str | Path) -> Any:
+    """The object in a `.pth` / `.pkl` / `.bin` file, built without running code from the file.
+
+    torch.save files (zip, or the legacy format) go through `torch.load(weights_only=True)`; any other
+    pickle (detectron2 `.pkl`, numpy or torch objects pickled by `pickle.dump`, Python 2 pickles
+    included) through `SafeUnpickler`. Raises RuntimeError naming the file when either refuses.
+    """
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"config": json.dumps(to_dict(cfg)), "format": "cropformer"}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)))
+    if zipfile.is_zipfile(path):
+        return load_training_checkpoint(path)
+    try:
+        with open(path, "rb") as f:
+            obj = SafeUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # pickle errors come in many types; name the file and refuse
+        raise RuntimeError(f"{path}: not a loadable weights pickle ({exc})") from None
+    if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
+        return load_training_checkpoint(path)
+    return obj
 
 
-def is_original_state_dict(state: dict) -> bool:
-    return any(k.startswith(("sem_seg_head.", "backbone.")) for k in state)
+# --------------------------------------------------------------------------------------------------
+# Reading weights of any supported kind
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | None]:
-    """Model weights (our names) and the stored config if any, from any supported file.
+@dataclass
+class LoadedWeights:
+    """Weights read from a file: `state` in our names, the stored `config` (None when the file has
+    none) and the `report` of the key conversion."""
 
-    Accepts our `.safetensors` exports, our training checkpoints, and the original implementation's
-    `.pth` files (weights under "model" or at top level), converted through the rename table.
+    state: dict[str, torch.Tensor]
+    config: Config | None
+    report: ConversionReport
+
+
+def _as_tensor(key: str, value, path: Path) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise RuntimeError(f"{path}: entry {key!r} is not a numeric tensor or array ({type(value).__name__})")
+
+
+def _find_state(obj: Any, path: Path) -> dict[str, Any]:
+    """The state dict inside a loaded checkpoint: under "model" (detectron2, official Swin/HorNet, ours),
+    "state_dict", or "blobs" (Caffe2), else the top level."""
+    if not isinstance(obj, dict):
+        raise RuntimeError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
+    for key in ("model", "state_dict", "blobs"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    if obj and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values()):
+        return obj
+    raise RuntimeError(f"{path}: no state dict found (top-level keys: {_first([str(k) for k in obj], 10)})")
+
+
+def read_checkpoint(path: str | Path) -> LoadedWeights:
+    """Weights in our names, the stored config and the conversion report, from any supported file.
+
+    Accepts our `.safetensors` exports and `.pth` files (weights or training checkpoints), the original
+    implementation's checkpoints, ImageNet backbone weights and HF Mask2Former weights (see
+    `cropformer.convert`). Raises RuntimeError for unrecognised keys or a file it will not unpickle.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,35 +238,216 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | No
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
         if "config" in meta:
             cfg = from_dict(json.loads(meta["config"]), f"{path} (metadata)")
     else:
-        obj = load_training_checkpoint(path)
-        if isinstance(obj, dict) and "config" in obj and isinstance(obj["config"], dict):
+        obj = load_pickled(path)
+        if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
             cfg = from_dict(obj["config"], f"{path} (config)")
-        state = obj.get("model", obj) if isinstance(obj, dict) else None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise RuntimeError(f"{path}: no state dict of tensors found (keys: {list(obj)[:10]})")
-    if is_original_state_dict(state):
-        state, report = original_to_ours(state)
-        if report.unrecognised:
-            raise RuntimeError(f"{path}: keys the rename table does not know: {report.unrecognised[:10]}")
-    return state, cfg
+        raw = {str(k): _as_tensor(str(k), v, path) for k, v in _find_state(obj, path).items()}
+    try:
+        state, report = convert_state_dict(raw)
+    except ValueError as exc:
+        raise RuntimeError(f"{path}: {exc}") from None
+    if report.unrecognised:
+        raise RuntimeError(f"{path}: keys the {report.format} rename table does not know: {_first(report.unrecognised)}")
+    return LoadedWeights(state, cfg, report)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | None]:
+    """Model weights (our names) and the stored config if any, from any supported file
+    (`read_checkpoint`); the conversion report is logged."""
+    loaded = read_checkpoint(path)
+    if loaded.report.format != "cropformer":
+        logger.info("%s: %s", path, loaded.report.summary())
+    return loaded.state, loaded.config
+
+
+def is_original_state_dict(state: dict) -> bool:
+    return any(k.startswith(("sem_seg_head.", "backbone.")) for k in state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing weights
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write weights in our names atomically: `.safetensors` (config in the metadata and, when given,
+    beside it as `<name>.json`) or a weights-only `.pth` ({"model": state[, "config": dict]})."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors sharing memory
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"format": "cropformer", **(metadata or {})}
+        if cfg is not None:
+            meta["config"] = json.dumps(to_dict(cfg))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        if cfg is not None:
+            atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)))
+    elif path.suffix == ".pth":
+        payload: dict[str, Any] = {"model": tensors}
+        if cfg is not None:
+            payload["config"] = to_dict(cfg)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    else:
+        raise ValueError(f"{path}: weights are written as .safetensors or .pth")
+
+
+def export_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> None:
+    """Write `<path>.safetensors` (+ `<path>.json` with the config) atomically."""
+    save_weights(model.state_dict(), path, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Does a state dict fit a model?
+
+# Missing from a checkpoint without harm: constants the model computes itself (Swin's relative position
+# index from the window size) and BatchNorm's step counter (unused at our momentum).
+_IGNORABLE_MISSING = re.compile(r"(^|\.)(relative_position_index|num_batches_tracked)$")
+_IGNORABLE_UNEXPECTED = re.compile(r"(^|\.)num_batches_tracked$")
+# Missing from a partial (non-strict) load without refusal: detectron2's per-level output norms, which
+# ImageNet classification weights do not have; they keep their initial values.
+_PARTIAL_OK = re.compile(r"^image_encoder\.norm\d\.")
+
+
+class WeightsMismatch(RuntimeError):
+    """Weights that do not fit the model built from the config."""
+
+
+@dataclass
+class FitReport:
+    """How a state dict fits a model: `missing` / `unexpected` keys (tolerated ones; a refusal raises
+    instead), `ignored` harmless differences and the model components the weights do not cover."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    absent_components: list[str] = field(default_factory=list)
+
+    def summary(self, limit: int = 10) -> str:
+        lines = [f"fits the model: {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.ignored)} ignored"]
+        if self.absent_components:
+            lines.append(f"  not in the weights (keep their initial values): {', '.join(self.absent_components)}")
+        for name, keys in (("missing", self.missing), ("unexpected (left out)", self.unexpected), ("ignored", self.ignored)):
+            if keys:
+                lines.append(f"  {name}: {_first(keys, limit)}")
+        return "\n".join(lines)
+
+
+def _component(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def describe_backbone(shapes: dict[str, Any]) -> str:
+    """A short description of the image encoder in a state dict (tensors or shapes), e.g.
+    "Swin (embed 96, depths 2-2-6-2, window 7)", for mismatch messages."""
+
+    def depths(pattern: str) -> str:
+        blocks: dict[int, set[int]] = {}
+        for k in shapes:
+            m = re.match(pattern, k)
+            if m:
+                blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+        return "-".join(str(len(blocks[i])) for i in sorted(blocks))
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(shapes[key].shape if hasattr(shapes[key], "shape") else shapes[key])
+
+    if "image_encoder.patch_embed.proj.weight" in shapes:
+        table = next((k for k in shapes if k.endswith("relative_position_bias_table")), None)
+        window = f", window {(math.isqrt(shape(table)[0]) + 1) // 2}" if table else ""
+        blocks = depths(r"^image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
+        return f"Swin (embed {shape('image_encoder.patch_embed.proj.weight')[0]}, depths {blocks}{window})"
+    if "image_encoder.downsample_layers.0.0.weight" in shapes:
+        blocks = depths(r"^image_encoder\.stages\.(\d+)\.(\d+)\.")
+        return f"HorNet (base dim {shape('image_encoder.downsample_layers.0.0.weight')[0]}, depths {blocks})"
+    if "image_encoder.stem.conv1.weight" in shapes:
+        return "ResNet (blocks " + depths(r"^image_encoder\.res(\d)\.(\d+)\.") + ")"
+    return "no known image encoder" if not any(k.startswith("image_encoder.") for k in shapes) else "an unknown image encoder"
+
+
+def _hints(own: dict[str, Any], state: dict[str, torch.Tensor], reshaped: list[str], bad: list[str]) -> list[str]:
+    """What the mismatching keys say about the config, in words."""
+    hints = []
+    if "image_decoder.query_feat.weight" in reshaped:
+        hints.append(f"number of queries: weights {state['image_decoder.query_feat.weight'].shape[0]}, "
+                     f"model {own['image_decoder.query_feat.weight'].shape[0]} (model.decoder.num_queries)")
+    table = next((k for k in reshaped if k.endswith("relative_position_bias_table")), None)
+    if table is not None:
+        window = [(math.isqrt(t[table].shape[0]) + 1) // 2 for t in (state, own)]
+        hints.append(f"Swin window size: weights {window[0]}, model {window[1]} (model.backbone.swin.window_size)")
+    filt = next((k for k in reshaped if k.endswith("complex_weight")), None)
+    if filt is not None:
+        hints.append(f"HorNet global filter: weights {tuple(state[filt].shape[1:3])}, model "
+                     f"{tuple(own[filt].shape[1:3])} (weights made for another input resolution)")
+    ckpt, model = describe_backbone(state), describe_backbone(own)
+    if any(k.startswith("image_encoder.") for k in bad) and ckpt != model and ckpt != "no known image encoder":
+        hints.append(f"image encoder: weights {ckpt}, model {model}")
+    if any(k.startswith("image_decoder.") for k in reshaped) and "image_decoder.query_feat.weight" not in reshaped:
+        hints.append("decoder widths differ (model.decoder / model.pixel_decoder)")
+    return hints
+
+
+def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str = "weights",
+              strict: bool = True) -> FitReport:
+    """Check that `state` (our names) fits a model whose state dict is `own` (meta tensors will do).
+
+    Always refused: a key whose shape differs. strict: every key of the model present (except
+    `_IGNORABLE_MISSING`) and no unexpected key. Not strict: model components (image_encoder,
+    pixel_decoder, image_decoder, association) may be absent from the weights as a whole, and weights
+    of a component the model lacks are left out (a CropFormer checkpoint for Mask2Former); within a
+    component the weights cover, keys must match (except the image encoder's output norms, which
+    ImageNet weights lack). Raises WeightsMismatch naming the first mismatching keys.
+    """
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    ignored = [k for k in missing if _IGNORABLE_MISSING.search(k)] + [k for k in unexpected if _IGNORABLE_UNEXPECTED.search(k)]
+    missing = [k for k in missing if not _IGNORABLE_MISSING.search(k)]
+    unexpected = [k for k in unexpected if not _IGNORABLE_UNEXPECTED.search(k)]
+    model_parts = {_component(k) for k in own}
+    covered = {_component(k) for k in state} & model_parts
+    if strict:
+        bad_missing, bad_unexpected = missing, unexpected
+    else:
+        bad_missing = [k for k in missing if _component(k) in covered and not _PARTIAL_OK.match(k)]
+        bad_unexpected = [k for k in unexpected if _component(k) in model_parts]
+    if not covered:
+        raise WeightsMismatch(f"{source} has no weights for this model (first keys: {_first(list(state), 5)})")
+    if reshaped or bad_missing or bad_unexpected:
+        hints = _hints(own, state, reshaped, reshaped + bad_missing + bad_unexpected)
+        lines = [f"{source} does not fit this model" + (": " + "; ".join(hints) if hints else "")]
+        if reshaped:
+            lines.append(f"  reshaped ({len(reshaped)}, weights vs model): " + "; ".join(
+                f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in reshaped[:5]) + (" ..." if len(reshaped) > 5 else ""))
+        if bad_unexpected:
+            lines.append(f"  unexpected ({len(bad_unexpected)}): {_first(bad_unexpected, 5)}")
+        if bad_missing:
+            lines.append(f"  missing ({len(bad_missing)}): {_first(bad_missing, 5)}")
+        raise WeightsMismatch("\n".join(lines))
+    return FitReport(missing=missing, unexpected=unexpected, ignored=ignored,
+                     absent_components=[c for c in OUR_COMPONENTS if c in model_parts - covered])
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "weights", strict: bool = True) -> dict:
-    """Load a state dict, refusing (with the first mismatching keys named) one that does not fit."""
+    """Load a state dict (our names) into `model`, refusing one that does not fit (`check_fit`).
+
+    Returns {"missing": [...], "unexpected": [...], "ignored": [...], "absent_components": [...]}
+    (lists are empty for a strict load, apart from ignorable constants).
+    """
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if reshaped:
-        raise RuntimeError(f"{source} does not fit this model (wrong backbone, query count or window?): " + "; ".join(reshaped[:5]))
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            f"{source} does not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    model.load_state_dict(state, strict=False)
-    return {"missing": missing, "unexpected": unexpected}
+    fit = check_fit(own, state, source=source, strict=strict)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"missing": fit.missing, "unexpected": fit.unexpected, "ignored": fit.ignored,
+            "absent_components": fit.absent_components}

@@ -60,6 +60,7 @@ __all__ = [
     "collate",
     "TrainingSampler",
     "InferenceSampler",
+    "GroupedBatchSampler",
     "seed_worker",
     "build_train_loader",
     "build_test_loader",
@@ -424,6 +425,8 @@ class EntityDataset(Dataset):
         if not records:
             raise DatasetError(f"{json_file}: no usable images")
         self._records = _PackedList(records)
+        # 0 for landscape (w > h), 1 otherwise: detectron2's aspect-ratio groups for batching.
+        self.aspect_groups = np.array([0 if r["width"] > r["height"] else 1 for r in records], np.int8)
         self._skipped: set[int] = set()
 
     def __len__(self) -> int:
@@ -443,16 +446,17 @@ class EntityDataset(Dataset):
         integer index uses the current epoch as its draw.
         """
         if isinstance(key, tuple):
-            index, draw = int(key[0]), int(key[1])
-            rng = np.random.default_rng([self.seed, 0, index, draw])
+            index, draw, kind = int(key[0]), int(key[1]), 0
         else:
-            index = int(key)
-            rng = np.random.default_rng([self.seed, 1, index, self.epoch])
+            index, draw, kind = int(key), self.epoch, 1
         n = len(self)
         for attempt in range(min(n, 64)):
             i = (index + attempt) % n
             if i in self._skipped:
                 continue
+            # Seeded by the index actually loaded, so a replacement for a skipped sample is the same
+            # whichever worker (knowing of the bad index or not) builds it.
+            rng = np.random.default_rng([self.seed, kind, i, draw])
             try:
                 return self._load(i, rng)
             except (ImageDecodeError, AnnotationError) as e:
@@ -623,6 +627,31 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class GroupedBatchSampler(Sampler):
+    """Batches of `batch_size` items of an infinite sampler of (index, draw), each batch from one
+    aspect-ratio group (as detectron2's AspectRatioGroupedDataset: landscape and portrait images are
+    not mixed, so padding stays small). `groups` None batches in stream order. The first
+    `start_batches` batches are skipped (to resume)."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, groups: np.ndarray | None = None,
+                 start_batches: int = 0):
+        self.sampler, self.batch_size = sampler, int(batch_size)
+        self.groups, self.start = groups, int(start_batches)
+
+    def _batches(self) -> Iterator[list]:
+        buckets: dict[int, list] = {}
+        for item in self.sampler:
+            g = int(self.groups[item[0]]) if self.groups is not None else 0
+            bucket = buckets.setdefault(g, [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                buckets[g] = []
+                yield bucket
+
+    def __iter__(self) -> Iterator[list]:
+        return itertools.islice(self._batches(), self.start, None)
+
+
 def build_train_loader(
     dataset: EntityDataset,
     *,
@@ -632,22 +661,23 @@ def build_train_loader(
     rank: int | None = None,
     world_size: int | None = None,
     start_iter: int = 0,
+    aspect_ratio_grouping: bool = True,
     size_divisibility: int = 32,
 ) -> DataLoader:
     """Infinite training loader of `batch_size` samples per rank (per-rank, not total).
 
     Batches from a given `seed` are identical on every run, whatever `num_workers`. `start_iter`
-    resumes the stream after that many batches.
+    resumes the stream after that many batches. With `aspect_ratio_grouping` (detectron2's default)
+    each batch holds only landscape or only portrait images.
     """
-    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                              start=start_iter * batch_size)
+    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+    groups = dataset.aspect_groups if aspect_ratio_grouping else None
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-        collate_fn=functools.partial(collate, size_divisibility=size_divisibility),
-        worker_init_fn=seed_worker, generator=g, persistent_workers=num_workers > 0,
-        pin_memory=False,
+        dataset, batch_sampler=GroupedBatchSampler(sampler, batch_size, groups, start_iter),
+        num_workers=num_workers, collate_fn=functools.partial(collate, size_divisibility=size_divisibility),
+        worker_init_fn=seed_worker, generator=g, persistent_workers=num_workers > 0, pin_memory=False,
     )
 
 
@@ -684,5 +714,6 @@ def build_dataset(input_cfg, data_cfg, *, train: bool, seed: int = 0) -> EntityD
         num_train_crops=input_cfg.crop_sample_num_train,
         filter_empty=data_cfg.filter_empty if train else False,
         on_bad_image=data_cfg.on_bad_image,
+        reduced_decode=train,  # evaluation decodes at full resolution: the original's exact inputs
         seed=seed,
     )

@@ -176,8 +176,8 @@ def _fused_bwd(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: t
 
 @_fused_bwd.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
-    return value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape), \
-        attention_weights.new_empty(attention_weights.shape)
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -221,14 +221,18 @@ _PREFERENCE = (
 )
 
 
-@torch.compiler.assume_constant_result
 def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    # Availability is a property of the process, not of the traced values: torch.compile evaluates
-    # this once while tracing and bakes the answer in.
     preference = _PREFERENCE
     if backend == "auto" and device.type != "cuda":
         preference = tuple(p for p in _PREFERENCE if p[0] != "triton")  # the interpreter is for tests only
     return resolve("ms_deform_attn", backend, device, dtype, preference)
+
+
+# Availability is a property of the process, not of the traced values: torch.compile calls this once while
+# tracing and bakes the answer in (instead of tracing the logging and caching inside `resolve`). This is
+# what `torch.compiler.assume_constant_result` does; set by hand because calling that imports
+# torch._dynamo (seconds, and triton with it) when this module is imported.
+_choose_backend._dynamo_marked_constant = True
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend="auto"):

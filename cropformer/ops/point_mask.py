@@ -162,35 +162,32 @@ def point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid=None):
     pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
     dtype = _compute_dtype(pred)
     with torch.no_grad():
-        x = _sample_logits_shared(pred, points, dtype).flatten(1)  # Q x T*P
+        x = _sample_logits_shared(pred, points, dtype)  # Q x T x P
         t = sample_compact(gt, points, dtype)  # N x T x P
-        if valid is not None:
-            t = t * valid[..., None].to(dtype)
-        t = t.flatten(1)  # N x T*P
-        num = x.shape[1]
-        # sum_p BCE(x, t) = sum_p softplus(x) - x t  (softplus(-x) - softplus(x) = -x): one matmul
-        bce = (F.softplus(x).sum(1, keepdim=True) - x @ t.T) / num
-        s = x.sigmoid()
-        dice = 1 - (2 * (s @ t.T) + 1) / (s.sum(1)[:, None] + t.sum(1)[None, :] + 1)
+        return _costs_from_samples(x, t, valid)
+
+
+def _costs_from_samples(x, t, valid):
+    """x Q x T x P logits, t N x T x P soft labels, valid N x T or None -> (bce, dice) Q x N."""
+    if valid is not None:
+        t = t * valid[..., None].to(t.dtype)
+    x, t = x.flatten(1), t.flatten(1)  # Q x T*P, N x T*P
+    # sum_p BCE(x, t) = sum_p softplus(x) - x t  (softplus(-x) - softplus(x) = -x): one matmul
+    bce = (F.softplus(x).sum(1, keepdim=True) - x @ t.T) / x.shape[1]
+    s = x.sigmoid()
+    dice = 1 - (2 * (s @ t.T) + 1) / (s.sum(1)[:, None] + t.sum(1)[None, :] + 1)
     return bce, dice
 
 
 def _cost_cpu(pred_logits, gt_masks, points, gt_valid):
-    """C++ sampling (`point_mask_sample_shared`) + two BLAS matmuls; same math as the reference."""
+    """C++ sampling of logits and compact masks (`point_mask_sample_shared`) + the same two matmuls."""
     pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
     dtype = _compute_dtype(pred)
     with torch.no_grad():
         pts = points.to(dtype).contiguous()
-        x = torch.ops.cropformer_C.point_mask_sample_shared(pred.to(dtype), pts).flatten(1)
-        t = torch.ops.cropformer_C.point_mask_sample_shared(_as_sampleable(gt), pts).to(dtype)
-        if valid is not None:
-            t = t * valid[..., None].to(dtype)
-        t = t.flatten(1)
-        num = x.shape[1]
-        bce = (F.softplus(x).sum(1, keepdim=True) - x @ t.T) / num
-        s = x.sigmoid()
-        dice = 1 - (2 * (s @ t.T) + 1) / (s.sum(1)[:, None] + t.sum(1)[None, :] + 1)
-    return bce, dice
+        x = torch.ops.cropformer_C.point_mask_sample_shared(pred.to(dtype), pts)
+        t = torch.ops.cropformer_C.point_mask_sample_shared(_as_sampleable(gt), pts)  # in the points' dtype
+        return _costs_from_samples(x, t, valid)
 
 
 def _as_sampleable(gt: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,8 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
 
   TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be B x S x H x D, got shape ", value.sizes());
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be B x Q x H x L x P x 2, got shape ", sampling_locations.sizes());
+              "ms_deform_attn: sampling_locations must be B x Q x H x L x P x 2, got shape ",
+              sampling_locations.sizes());
   TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be B x Q x H x L x P, got shape ",
               attention_weights.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
@@ -80,10 +81,11 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
               "ms_deform_attn: level_start_index must have shape [", s.L, "], got ", level_start_index.sizes());
   TORCH_CHECK(sampling_locations.size(0) == s.B && sampling_locations.size(2) == s.H,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " does not match value ", value.sizes(),
-              " in batch or heads");
-  TORCH_CHECK(attention_weights.size(0) == s.B && attention_weights.size(1) == s.Q && attention_weights.size(2) == s.H &&
-                  attention_weights.size(3) == s.L && attention_weights.size(4) == s.P,
+              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " does not match value ",
+              value.sizes(), " in batch or heads");
+  TORCH_CHECK(attention_weights.size(0) == s.B && attention_weights.size(1) == s.Q &&
+                  attention_weights.size(2) == s.H && attention_weights.size(3) == s.L &&
+                  attention_weights.size(4) == s.P,
               "ms_deform_attn: attention_weights must have shape [", s.B, ", ", s.Q, ", ", s.H, ", ", s.L, ", ", s.P,
               "], got ", attention_weights.sizes());
   TORCH_CHECK(s.D >= 1 && s.H >= 1, "ms_deform_attn: value needs at least one head and one channel");
@@ -98,8 +100,8 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   for (int64_t l = 0; l < s.L; ++l) {
     TORCH_CHECK(sh[2 * l] >= 1 && sh[2 * l + 1] >= 1, "ms_deform_attn: spatial_shapes[", l, "] = (", sh[2 * l], ", ",
                 sh[2 * l + 1], ") must be positive");
-    TORCH_CHECK(st[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", st[l], " but the levels before it hold ",
-                total, " pixels");
+    TORCH_CHECK(st[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", st[l],
+                " but the levels before it hold ", total, " pixels");
     total += sh[2 * l] * sh[2 * l + 1];
     TORCH_CHECK(total <= s.S, "ms_deform_attn: spatial_shapes hold more pixels than value's S = ", s.S);
   }

@@ -220,12 +220,12 @@ at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice,
   auto grad = at::zeros({K, h, w}, xs.options());
   // group the pairs by prediction row (stable: pairs of a row keep their order)
   const int64_t* pidx = pred_index.data_ptr<int64_t>();
-  std::vector<int64_t> order(M);
-  for (int64_t m = 0; m < M; ++m) order[m] = m;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pidx[a] < pidx[b]; });
+  std::vector<int64_t> pairs(M);
+  for (int64_t m = 0; m < M; ++m) pairs[m] = m;
+  std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return pidx[a] < pidx[b]; });
   std::vector<int64_t> starts;
   for (int64_t i = 0; i < M; ++i) {
-    if (i == 0 || pidx[order[i]] != pidx[order[i - 1]]) starts.push_back(i);
+    if (i == 0 || pidx[pairs[i]] != pidx[pairs[i - 1]]) starts.push_back(i);
   }
   starts.push_back(M);
   const int64_t groups = (int64_t)starts.size() - 1;
@@ -239,8 +239,8 @@ at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice,
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> order, count;
       for (int64_t grp = begin; grp < end; ++grp) {
-        for (int64_t i = starts[grp]; i < starts[grp + 1]; ++i) {
-          const int64_t m = order[i];
+        for (int64_t j = starts[grp]; j < starts[grp + 1]; ++j) {
+          const int64_t m = pairs[j];
           const scalar_t* xm = x + m * P;
           const scalar_t* tm = t + m * P;
           double st = 0, s_sum = 0, t_sum = 0;

@@ -124,6 +124,8 @@ def _step(fn, inputs, mode):
 
 
 def _time_ms(run, device, repeats):
+    """(median, lo, hi) ms: 20% / 80% quantiles of triton's do_bench on CUDA, min / max of `repeats`
+    runs after one warm-up on CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -179,7 +181,7 @@ def _run_case(label, keys, mode, device, dtype, backends, ours, repeats, with_ti
         run = _step(fn, inputs, mode)
         peak = _peak(run, device)
         med, lo, hi = _time_ms(run, device, repeats) if with_time else (float("nan"),) * 3
-        results[name] = dict(median_ms=med, q20_ms=lo, q80_ms=hi, peak_mem=peak)
+        results[name] = dict(median_ms=med, lo_ms=lo, hi_ms=hi, peak_mem=peak)
     base = results[ours]["median_ms"]
     print(f"\nmasked_cross_attention {label} {mode} {device.type} {dtype}: B={B} H={H} Q={Q} K={keys} D={D}, "
           f"{flops / 1e9:.2f} GFLOP, >= {traffic / 1e6:.1f} MB traffic")

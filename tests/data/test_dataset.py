@@ -3,6 +3,7 @@ samplers and reproducibility."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 
@@ -17,6 +18,7 @@ from cropformer.data.dataset import (
     AnnotationError,
     DatasetError,
     EntityDataset,
+    GroupedBatchSampler,
     InferenceSampler,
     TrainingSampler,
     build_test_loader,
@@ -30,7 +32,7 @@ from cropformer.data.dataset import (
 )
 from cropformer.data.decode import ImageDecodeError
 from cropformer.data.synthetic import labels_to_rles, make_synthetic_image
-from cropformer.data.views import corner_crop_boxes
+from cropformer.data.views import corner_crop_boxes, plan_views, view_grid
 
 # pycocotools' decode trips numpy 2's copy-keyword deprecation; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -169,16 +171,11 @@ def write_dataset(tmp_path, num_images=4, encodings=("compressed", "uncompressed
         images.append({"id": iid, "file_name": name, "height": h, "width": w})
         labels_by_id[iid] = labels
         for k, rle in enumerate(labels_to_rles(labels)):
-            enc = encodings[(len(anns)) % len(encodings)]
+            enc = encodings[len(anns) % len(encodings)]
             if enc == "uncompressed":
                 segm = {"size": [h, w], "counts": rle_string_to_counts(rle["counts"]).tolist()}
             elif enc == "polygon":
-                mask = labels == k
-                poly = polygon_of(mask)
-                if not poly:
-                    segm = rle
-                else:
-                    segm = poly
+                segm = polygon_of(labels == k) or rle  # a 1-2 px entity has no 3-point contour
             else:
                 segm = rle
             anns.append({"id": 1000 * i + k, "image_id": iid, "category_id": 7, "iscrowd": 0,
@@ -216,17 +213,15 @@ def test_sample_masks_every_encoding(tmp_path, encoding):
         s = ds[key]
         anns = [a for a in data["annotations"] if a["image_id"] == s["image_id"] and a["iscrowd"] == 0]
         assert s["ann_ids"] == [a["id"] for a in anns]  # crowd left out, file order kept
-        plan_views = _plan_of(s, H, W)
-        for t, view in enumerate(plan_views.views):
-            ref = expected_view_masks([a["segmentation"] for a in anns], H, W, plan_views, view)
+        plan = _plan_of(s, H, W)
+        for t, view in enumerate(plan.views):
+            ref = expected_view_masks([a["segmentation"] for a in anns], H, W, plan, view)
             np.testing.assert_array_equal(s["masks"][t].numpy(), ref)
             assert s["valid"][:, t].tolist() == ref.reshape(len(ref), -1).any(1).tolist()
         assert s["labels"].tolist() == [0] * len(anns)
 
 
 def _plan_of(sample, h, w):
-    from cropformer.data.views import plan_views
-
     return plan_views(h, w, short_side=sample["short_side"], max_size=400, corners=sample["corners"],
                       flip=sample["flip"])
 
@@ -362,8 +357,6 @@ def test_entities_aligned_across_views(tmp_path):
         lab = labels[s["image_id"]]
         plan = _plan_of(s, H, W)
         for t, view in enumerate(plan.views):
-            from cropformer.data.views import view_grid
-
             rows, cols = view_grid(view, plan)
             sub = lab[np.ix_(rows, cols)]
             for i in range(len(s["ann_ids"])):
@@ -415,6 +408,33 @@ def test_training_sampler_shards_and_draws():
     assert other != streams[1]
     resumed = list(zip(range(10), iter(TrainingSampler(size, seed=5, rank=1, world_size=world, start=30))))
     assert [x for _, x in resumed] == [x for _, x in streams[1][30:40]]
+
+
+def test_grouped_batches():
+    groups = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1], np.int8)
+    sampler = TrainingSampler(10, seed=0, rank=0, world_size=1)
+    batches = list(itertools.islice(iter(GroupedBatchSampler(sampler, 3, groups)), 20))
+    for b in batches:
+        assert len(b) == 3 and len({int(groups[i]) for i, _ in b}) == 1
+    draws = [d for b in batches for _, d in b]
+    assert len(set(draws)) == len(draws)
+    resumed = list(itertools.islice(iter(GroupedBatchSampler(sampler, 3, groups, start_batches=7)), 13))
+    assert resumed == batches[7:]
+    plain = list(itertools.islice(iter(GroupedBatchSampler(sampler, 3)), 2))
+    assert [d for b in plain for _, d in b] == list(range(6))
+
+
+def test_aspect_groups(tmp_path):
+    path, root, _ = write_dataset(tmp_path, num_images=1, empty_image=False)
+    data = json.loads(path.read_text())
+    image, _ = make_synthetic_image(np.random.default_rng(0), W, H)  # portrait
+    cv2.imwrite(str(root / "tall.png"), image)
+    data["images"].append({"id": 7, "file_name": "tall.png", "height": W, "width": H})
+    rle = labels_to_rles(np.zeros((W, H), np.int32))[0]
+    data["annotations"].append({"id": 70, "image_id": 7, "iscrowd": 0, "segmentation": rle, "bbox": [0, 0, H, W]})
+    path.write_text(json.dumps(data))
+    ds = EntityDataset(path, root, short_sides=(64,))
+    assert ds.aspect_groups.tolist() == [0, 1]
 
 
 def test_inference_sampler_shards():

@@ -8,6 +8,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from cropformer.data.dataset import EntityDataset
@@ -68,8 +69,6 @@ def test_labels_to_rles_roundtrip():
     _, labels = make_synthetic_image(rng, 61, 97)
     rles = labels_to_rles(labels)
     assert len(rles) == labels.max() + 1
-    from pycocotools import mask as mask_util
-
     for i, rle in enumerate(rles):
         np.testing.assert_array_equal(mask_util.decode(rle).astype(bool), labels == i)
 

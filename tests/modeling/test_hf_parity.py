@@ -1,6 +1,6 @@
 """Parity with a peer implementation nobody here wrote: HuggingFace transformers'
 `Mask2FormerForUniversalSegmentation` (Swin backbone), random weights copied into our Mask2Former
-baseline by the name mapping below.
+baseline by the checkpoint converter's name mapping (`cropformer.convert.hf_to_ours`, `HF_RENAMES`).
 
 Compared at every stage, fp32 on CPU, to 1e-4: the four backbone outputs (res2..res5), the pixel
 decoder's mask features and its three multi-scale features (strides 32, 16, 8), the class and mask
@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cropformer.config import load_config
+from cropformer.convert import hf_to_ours
 from cropformer.modeling.build import build_model
 from tests.conftest import assert_close
 
@@ -119,95 +120,6 @@ def _randomise_(model: nn.Module, seed: int) -> None:
             else:
                 value = 0.2 * noise
             p.copy_(value)
-
-
-# HF name -> our name (original detectron2 names with the prefixes of CONTRACTS.md). Each pass applies the
-# first rule that matches; passes repeat until none does (block and layer keys take two steps: prefix,
-# then the module name). q/k/v projections that HF keeps separate are concatenated afterwards.
-_RENAMES = [
-    # Swin backbone
-    (r"^model\.pixel_level_module\.encoder\.swin\.embeddings\.patch_embeddings\.projection\.", "image_encoder.patch_embed.proj."),
-    (r"^model\.pixel_level_module\.encoder\.swin\.embeddings\.norm\.", "image_encoder.patch_embed.norm."),
-    (r"^model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.", r"image_encoder.layers.\1.blocks.\2."),
-    (r"^model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.(\d+)\.downsample\.", r"image_encoder.layers.\1.downsample."),
-    (r"^model\.pixel_level_module\.encoder\.hidden_states_norms\.stage(\d)\.", lambda m: f"image_encoder.norm{int(m[1]) - 1}."),
-    (r"^(image_encoder\.layers\.\d+\.blocks\.\d+\.)layernorm_before\.", r"\1norm1."),
-    (r"^(image_encoder\.layers\.\d+\.blocks\.\d+\.)layernorm_after\.", r"\1norm2."),
-    (r"^(image_encoder\.layers\.\d+\.blocks\.\d+\.)attention\.relative_position_bias\.", r"\1attn."),
-    (r"^(image_encoder\.layers\.\d+\.blocks\.\d+\.)attention\.o_proj\.", r"\1attn.proj."),
-    (r"^(image_encoder\.layers\.\d+\.blocks\.\d+\.)attention\.([qkv])_proj\.", r"\1attn.\2_proj."),
-    # pixel decoder
-    (r"^model\.pixel_level_module\.decoder\.level_embed$", "pixel_decoder.transformer.level_embed"),
-    (r"^model\.pixel_level_module\.decoder\.input_projections\.", "pixel_decoder.input_proj."),
-    (r"^model\.pixel_level_module\.decoder\.encoder\.layers\.", "pixel_decoder.transformer.encoder.layers."),
-    (r"^model\.pixel_level_module\.decoder\.mask_projection\.", "pixel_decoder.mask_features."),
-    (r"^model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.0\.", r"pixel_decoder.\1_\2."),
-    (r"^model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.1\.", r"pixel_decoder.\1_\2.norm."),
-    (r"^(pixel_decoder\.transformer\.encoder\.layers\.\d+\.)self_attn_layer_norm\.", r"\1norm1."),
-    (r"^(pixel_decoder\.transformer\.encoder\.layers\.\d+\.)final_layer_norm\.", r"\1norm2."),
-    (r"^(pixel_decoder\.transformer\.encoder\.layers\.\d+\.)fc(\d)\.", r"\1linear\2."),
-    # masked-attention decoder
-    (r"^model\.transformer_module\.queries_embedder\.", "image_decoder.query_embed."),
-    (r"^model\.transformer_module\.queries_features\.", "image_decoder.query_feat."),
-    (r"^model\.transformer_module\.level_embed\.", "image_decoder.level_embed."),
-    (r"^model\.transformer_module\.decoder\.layernorm\.", "image_decoder.decoder_norm."),
-    (r"^model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"image_decoder.mask_embed.layers.\1."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"image_decoder.transformer_self_attention_layers.\1.self_attn.\2_proj."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"image_decoder.transformer_self_attention_layers.\1.self_attn.out_proj."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"image_decoder.transformer_self_attention_layers.\1.norm."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.", r"image_decoder.transformer_cross_attention_layers.\1.multihead_attn."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"image_decoder.transformer_cross_attention_layers.\1.norm."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.fc(\d)\.", r"image_decoder.transformer_ffn_layers.\1.linear\2."),
-    (r"^model\.transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"image_decoder.transformer_ffn_layers.\1.norm."),
-    (r"^class_predictor\.", "image_decoder.class_embed."),
-]
-# HF keys with no counterpart: the loss's class weights, and Swin's final LayerNorm, which the
-# classification model uses but SwinBackbone never calls (it normalises each stage with its own norm).
-_DROPPED = (r"^criterion\.", r"^model\.pixel_level_module\.encoder\.swin\.layernorm\.")
-
-
-def _rename(key: str) -> str:
-    """Apply the rename rules until none matches."""
-    for _ in range(len(_RENAMES)):  # each pass changes the key; more passes than rules would be a cycle
-        for pattern, repl in _RENAMES:
-            new = re.sub(pattern, repl, key)
-            if new != key:
-                key = new
-                break
-        else:
-            return key
-    raise RuntimeError(f"rename rules cycle on {key!r}")
-
-
-def hf_to_ours(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF Mask2FormerForUniversalSegmentation state dict -> our CropFormer (mask2former) state dict.
-
-    Split projections are merged into the original's fused ones: Swin `attention.{q,k,v}_proj` ->
-    `attn.qkv` ([3C, C], rows q then k then v) and the decoder's self-attention `{q,k,v}_proj` ->
-    `self_attn.in_proj_{weight,bias}` (nn.MultiheadAttention layout, also q, k, v). HF's decoder cross
-    attention already is an nn.MultiheadAttention. Raises on any HF key the rules do not cover.
-    """
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in hf_state.items():
-        if any(re.match(p, key) for p in _DROPPED):
-            continue
-        new = _rename(key)
-        if not new.startswith(("image_encoder.", "pixel_decoder.", "image_decoder.")):
-            raise KeyError(f"no mapping for HF key {key!r}")
-        renamed[new] = value
-    out = {}
-    for key, value in renamed.items():
-        m = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
-        if m is None:
-            out[key] = value
-            continue
-        prefix, which, kind = m.groups()
-        if which != "q":
-            continue
-        parts = [renamed[f"{prefix}.{w}_proj.{kind}"] for w in "qkv"]
-        fused = f"{prefix}.qkv.{kind}" if prefix.endswith(".attn") else f"{prefix}.in_proj_{kind}"
-        out[fused] = torch.cat(parts, 0)
-    return out
 
 
 def _load_hf_into_ours(hf, ours) -> None:

@@ -38,6 +38,12 @@ DENSITIES = [0.01, 0.3, 0.99]
 TUNINGS = {"default": {}, "split": dict(block_q=16, block_k=16, num_splits=3)}
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32_products(monkeypatch):
+    """fp32 tolerances assume IEEE fp32 products; the kernel follows torch's TF32 switch, as matmul does."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def make_inputs(B, H, Q, K, D, density, dtype=torch.float64, device="cpu", seed=0):
     """q, k, v (float64 leaves) and mask logits with `density` of the keys open. The first row is
     fully blocked and the last fully open (when Q > 2). Logits are rounded to `dtype` first so the
@@ -405,3 +411,39 @@ def test_torch_compile_fullgraph(backend):
     actual = grads(compiled, q, k, v, logits, grad_out.float())
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
         assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+
+
+_AOT_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.masked_attention as km
+
+ptrs = {"row_open_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32"}
+ints = {"B", "H", "Q", "K", "D", "keys_per_split"}
+blocks = dict(BLOCK_Q=64, BLOCK_K=64, BLOCK_D=32, PRECISION="tf32", UPCAST=False)
+for fn, consts in ((km._masked_attention_rows_kernel, dict(BLOCK_Q=32, BLOCK_K=128)),
+                   (km._masked_attention_fwd_kernel, blocks),
+                   (km._masked_attention_bwd_dkdv_kernel, blocks),
+                   (km._masked_attention_bwd_dq_kernel, blocks)):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*bf16") if n.endswith("_ptr")
+           else "i32" if n.startswith("s_") or n in ints else "fp32" for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Without a GPU, compile the four kernels (bf16, D = 32) to sm_90 machine code with the interpreter
+    off, so code that only the compiler rejects fails here and not first on a GPU."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.compiler")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 4, proc.stdout

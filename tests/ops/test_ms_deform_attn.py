@@ -13,16 +13,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
 
+import importlib  # noqa: E402
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cropformer.ops import _dispatch  # noqa: E402
-from cropformer.ops import ms_deform_attn as msda  # noqa: E402
 from cropformer.ops._dispatch import has_compiled_op, has_cuda_kernels, triton_interpret, triton_usable  # noqa: E402
 from cropformer.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
 from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+
+# the module (cropformer.ops.ms_deform_attn, the attribute, is the function of the same name)
+msda = importlib.import_module("cropformer.ops.ms_deform_attn")
 
 # (B, spatial_shapes, H, D, Q, P). Level sizes are odd or non-square next to powers of two (only those
 # give pixel coordinates that are exact in binary, where the border / pixel-centre points are placed);
@@ -221,10 +224,7 @@ def check_low_precision(backend, case, dtype, device):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gradcheck(backend):
     """float64 finite differences on a tiny problem (random locations, so none sits on a kink)."""
-    if backend == "cpu":
-        cpu_kernel_or_skip()
-    else:
-        triton_device_or_skip("cpu")
+    fast_backend_or_skip(backend)
     g = torch.Generator().manual_seed(11)
     shapes = torch.tensor([[3, 4], [2, 1]])
     starts = torch.tensor([0, 12])
@@ -364,24 +364,34 @@ def test_fake_impls_give_shapes():
     assert [tuple(g.shape) for g in grads] == [tuple(value.shape), tuple(loc.shape), tuple(attn.shape)]
 
 
-def test_custom_op_opcheck():
-    cpu_kernel_or_skip()
+def fast_backend_or_skip(backend):
+    if backend == "cpu":
+        cpu_kernel_or_skip()
+    else:
+        triton_device_or_skip("cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_custom_op_opcheck(backend):
+    """Schema, fake kernel, autograd registration and AOT dispatch of the custom op."""
+    fast_backend_or_skip(backend)
     value, shapes, starts, loc, attn = make_inputs(*CASES["odd3"])
     args = (value.float().requires_grad_(), shapes, starts, loc.float().requires_grad_(),
-            attn.float().requires_grad_(), "cpu")
+            attn.float().requires_grad_(), backend)
     torch.library.opcheck(torch.ops.cropformer.ms_deform_attn_fwd.default, args)
 
 
-def test_torch_compile_traces_whole_graph():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_traces_whole_graph(backend):
     """fullgraph=True: the dispatch and the custom op trace without a break; forward and gradients
     match eager. aot_eager keeps the test fast (no inductor codegen) while still tracing the fake
     kernels of the forward and the backward."""
-    cpu_kernel_or_skip()
+    fast_backend_or_skip(backend)
     value, shapes, starts, loc, attn = make_inputs(*CASES["odd3"])
     leaves = [t.float().requires_grad_() for t in (value, loc, attn)]
 
     def loss(v, sl, aw):
-        return (ms_deform_attn(v * 2, shapes, starts, sl, aw) ** 2).sum()
+        return (ms_deform_attn(v * 2, shapes, starts, sl, aw, backend=backend) ** 2).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = compiled(*leaves)
@@ -395,10 +405,8 @@ def test_torch_compile_traces_whole_graph():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_no_queries(backend):
-    if backend == "cpu":
-        cpu_kernel_or_skip()
-    if backend == "triton":
-        triton_device_or_skip("cpu")
+    if backend != "torch":
+        fast_backend_or_skip(backend)
     value, shapes, starts, loc, attn = make_inputs(*CASES["odd3"])
     loc, attn = loc[:, :0].float().requires_grad_(), attn[:, :0].float().requires_grad_()
     value = value.float().requires_grad_()
@@ -452,10 +460,8 @@ BAD = _bad_inputs()
 @pytest.mark.parametrize("bad", list(BAD))
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_bad_input_raises(backend, bad):
-    if backend == "cpu":
-        cpu_kernel_or_skip()
-    if backend == "triton":
-        triton_device_or_skip("cpu")
+    if backend != "torch":
+        fast_backend_or_skip(backend)
     value, shapes, starts, loc, attn = make_inputs(*CASES["odd3"])
     transform, pattern = BAD[bad]
     args = transform([value.float(), shapes, starts, loc.float(), attn.float()])
