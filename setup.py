@@ -104,7 +104,8 @@ def _extensions():
             f"(nvcc toolkit: {cuda_home}, torch CUDA: {torch.version.cuda}, .cu sources: {len(cu_sources)})"
         )
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++17", *openmp]
+    # No -std flag: torch's build helpers pick the standard its headers need (C++17 up to 2.13, C++20 on 2.14).
+    cxx_flags = ["-O3", *openmp]
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     library_dirs: list[str] = []
@@ -127,7 +128,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
             },
             extra_link_args=extra_link,
         )

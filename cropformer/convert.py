@@ -375,10 +375,10 @@ def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
     keys = list(state_dict)
     if keys and all(k.split(".", 1)[0] in OUR_COMPONENTS for k in keys):
         return "cropformer"
+    if any(_HF_KEYS.match(k) for k in keys):  # before detectron2: HF files also hold `criterion.empty_weight`
+        return "hf-mask2former"
     if any(k.startswith(("sem_seg_head.", "backbone.")) or k.startswith(DROPPED_PREFIXES) for k in keys):
         return "detectron2"
-    if any(_HF_KEYS.match(k) for k in keys):
-        return "hf-mask2former"
     for layout in BACKBONE_LAYOUTS:
         if any(re.search(layout.detect, k) for k in keys):
             return layout.name

@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton is first
+# imported. The GPU suite (scripts/gpu_suite.sh) sets TRITON_INTERPRET=0 to compile them instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/reference next to the checkout (CI lays shared/ beside the clone); override by env.

@@ -138,7 +138,8 @@ def _tile_breaks(length: int, edges: Sequence[int], tile: int) -> torch.Tensor:
 def _check_inputs(view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode):
     """Validate and return (sizes, boxes, H, W) as plain Python ints; raise ValueError with the reason."""
     if not isinstance(view_logits, torch.Tensor) or view_logits.dim() != 4:
-        raise ValueError(f"view_logits must be a V x Q x h x w tensor, got {getattr(view_logits, 'shape', type(view_logits))}")
+        got = getattr(view_logits, "shape", type(view_logits))
+        raise ValueError(f"view_logits must be a V x Q x h x w tensor, got {got}")
     if not view_logits.is_floating_point():
         raise ValueError(f"view_logits must be floating point, got {view_logits.dtype}")
     V, Q, h, w = view_logits.shape
@@ -373,7 +374,9 @@ def paste_entities(
     )
     choice = resolve("paste_entities", backend, view_logits.device, view_logits.dtype, _PREFERENCE)
     if choice == "torch":
-        return paste_entities_ref(view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode)
+        return paste_entities_ref(
+            view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode
+        )
     id_map, scores, area, _ = _paste_fast(
         view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, choice
     )

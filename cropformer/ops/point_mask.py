@@ -8,12 +8,21 @@ full resolution before sampling (`targets["masks"].to(out_mask)`); here the grou
 straight from its compact bool/uint8 form by gathering the four bilinear neighbours of each point,
 so no float copy of the masks ever exists.
 
-Ops (each with a readable torch reference `<op>_ref`, the definition of correctness):
+Ops:
 
-- `point_mask_cost`: Q x N BCE and dice matching costs on one point set shared by all masks.
+- `point_mask_cost`: Q x N BCE and dice matching costs on one point set shared by all masks
+  (readable reference `point_mask_cost_ref`).
 - `point_mask_loss`: per-pair BCE and dice losses, each pair with its own points; backward to the
-  logits.
+  logits (reference `point_mask_loss_ref`).
 - `sample_uncertain_points`: PointRend's importance sampling of the loss points.
+
+Backends: "torch" is the reference: float logits through `grid_sample` (bit-identical to the
+original's `point_sample`), compact gt through the 4-neighbour gather (agrees to ~1 ulp); it runs on
+any device (the GPU path until kernels exist). "cpu" is the C++ extension (`csrc/point_mask/`):
+sampling in the arithmetic of ATen's vectorised CPU `grid_sample` (bit-identical on AVX2/AVX-512
+CPUs), points visited row by row, and a fused loss whose backward keeps only the M x P samples
+instead of the gathered prediction rows. `auto` takes "cpu" for CPU float32/float64 inputs when
+the extension is built, else "torch".
 
 Point convention everywhere: (x, y) in [0, 1] of the padded frame; the bilinear sample of an
 h x w map at (x, y) reads pixel centres at ((i + 0.5) / w, (j + 0.5) / h) and counts pixels outside
@@ -25,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import has_compiled_op, resolve
+from ._dispatch import has_compiled_op, resolve, triton_usable
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +108,28 @@ def _sample_logits_rows(pred: torch.Tensor, rows: torch.Tensor | None, points: t
     """Row rows[m] of K x h x w logits at its own points M x P x 2 -> M x P (differentiable)."""
     picked = pred if rows is None else pred[rows]  # M x h x w, as the original's src_masks[src_idx]
     return point_sample(picked.to(dtype)[:, None], points.to(dtype))[:, 0]
+
+
+def _cpu_ok(op: str):
+    def available(device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in (torch.float32, torch.float64) and has_compiled_op(op)
+
+    return available
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    # fp32 arithmetic inside; float64 stays on the reference
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_usable(device)
+
+
+def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, cpu_op: str) -> str:
+    preference = (
+        ("triton", _triton_ok, "Triton kernels"),
+        ("cpu", _cpu_ok(cpu_op), "C++ kernels (csrc/point_mask)"),
+    )
+    if backend == "auto" and device.type != "cuda":
+        preference = preference[1:]  # Triton on CPU is the interpreter: for tests only
+    return resolve(op, backend, device, dtype, preference)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -190,32 +221,31 @@ def _cost_cpu(pred_logits, gt_masks, points, gt_valid):
         return _costs_from_samples(x, t, valid)
 
 
+def _cost_triton(pred_logits, gt_masks, points, gt_valid):
+    """Triton sampling of logits and compact masks + the same two matmuls (fp32)."""
+    from kernels.point_mask import sample_shared
+
+    pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
+    with torch.no_grad():
+        pts = points.float()
+        return _costs_from_samples(sample_shared(pred, pts), sample_shared(gt, pts), valid)
+
+
 def _as_sampleable(gt: torch.Tensor) -> torch.Tensor:
     # bool and uint8 share a byte layout: reinterpret, never convert (no copy for any strides).
     return gt.view(torch.uint8) if gt.dtype == torch.bool else gt
 
 
-def _cpu_ok(op: str):
-    def available(device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype in (torch.float32, torch.float64) and has_compiled_op(op)
-
-    return available
-
-
 def point_mask_cost(pred_logits, gt_masks, points, *, gt_valid=None, backend="auto"):
     """Matching costs on shared points; see `point_mask_cost_ref` for shapes and semantics.
 
-    backend: "auto" | "torch" | "cpu" (C++ sampling, when the extension is built).
+    backend: "auto" | "torch" | "cpu" (C++ sampling, when the extension is built) | "triton" (GPU).
     """
-    choice = resolve(
-        "point_mask_cost",
-        backend,
-        pred_logits.device,
-        pred_logits.dtype,
-        (("cpu", _cpu_ok("point_mask_sample_shared"), "C++ bilinear sampling of the compact masks"),),
-    )
+    choice = _choose("point_mask_cost", backend, pred_logits.device, pred_logits.dtype, "point_mask_sample_shared")
     if choice == "cpu":
         return _cost_cpu(pred_logits, gt_masks, points, gt_valid)
+    if choice == "triton":
+        return _cost_triton(pred_logits, gt_masks, points, gt_valid)
     return point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid)
 
 
@@ -314,17 +344,28 @@ def _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
 def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None, backend="auto"):
     """Per-pair point losses; see `point_mask_loss_ref` for shapes and semantics.
 
-    backend: "auto" | "torch" | "cpu" (fused C++ forward and backward, when the extension is built).
+    backend: "auto" | "torch" | "cpu" (fused C++ forward and backward, when the extension is built) |
+    "triton" (fused kernels, GPU). The fused paths keep only the points and the M x P samples for the
+    backward.
     """
-    choice = resolve(
-        "point_mask_loss",
-        backend,
-        pred_logits.device,
-        pred_logits.dtype,
-        (("cpu", _cpu_ok("point_mask_loss_fwd"), "fused C++ sampling + BCE + dice, M x P saved for backward"),),
-    )
+    choice = _choose("point_mask_loss", backend, pred_logits.device, pred_logits.dtype, "point_mask_loss_fwd")
     if choice == "cpu":
         return _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    if choice == "triton":
+        from kernels.point_mask import point_mask_loss as triton_point_mask_loss
+
+        _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+        m, dev = points.shape[0], pred_logits.device
+        arange = torch.arange(m, device=dev)
+        valid = torch.ones(m, dtype=torch.uint8, device=dev) if gt_valid is None else gt_valid.to(torch.uint8)
+        return triton_point_mask_loss(
+            pred_logits,
+            gt_masks,
+            points.float(),
+            arange if pred_index is None else pred_index,
+            arange if gt_index is None else gt_index,
+            valid,
+        )
     return point_mask_loss_ref(pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid)
 
 
@@ -334,13 +375,12 @@ def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=
 
 def _sample_candidates(logits, index, candidates, backend):
     """M x S float32 logits at the candidate points (no gradient)."""
-    choice = resolve(
-        "sample_uncertain_points",
-        backend,
-        logits.device,
-        logits.dtype,
-        (("cpu", _cpu_ok("point_mask_sample_rows"), "C++ sampling of the rows in place"),),
-    )
+    choice = _choose("sample_uncertain_points", backend, logits.device, logits.dtype, "point_mask_sample_rows")
+    if choice == "triton":
+        from kernels.point_mask import sample_rows
+
+        index = torch.arange(candidates.shape[0], device=logits.device) if index is None else index
+        return sample_rows(logits, index, candidates)
     if choice == "cpu":
         m = candidates.shape[0]
         index = torch.arange(m) if index is None else index.contiguous()
@@ -370,8 +410,8 @@ def sample_uncertain_points(
     Args:
         logits: M x h x w mask logits, or K x h x w with `index` (M int64) picking the rows.
         generator: torch.Generator on the logits' device (None = the global generator).
-        backend: "auto" | "torch" (grid_sample on the picked rows) | "cpu" (C++ sampling of the rows
-            in place).
+        backend: "auto" | "torch" (grid_sample on the picked rows) | "cpu" (C++) | "triton" (GPU):
+            how the candidates are sampled (the rows in place for the last two).
     Returns:
         M x num_points x 2 (x, y) in [0, 1], float32. No gradient.
     """

@@ -31,9 +31,9 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
                                       const int* __restrict__ order, int V, int Q, int h, int w, int H, int W, int C,
                                       float thr, int mode, int* __restrict__ out, double* __restrict__ prob_sum,
                                       unsigned long long* __restrict__ area, unsigned long long* __restrict__ evaluated) {
-  // Dynamic shared memory: per-query sums (double), areas (uint), survivors (int), flags (uchar).
-  extern __shared__ unsigned char smem[];
-  double* s_sum = reinterpret_cast<double*>(smem);
+  // Dynamic shared memory: per-query sums (double, declared first for alignment), areas (uint),
+  // survivors (int), flags (uchar).
+  extern __shared__ double s_sum[];
   unsigned int* s_area = reinterpret_cast<unsigned int*>(s_sum + Q);
   int* s_surv = reinterpret_cast<int*>(s_area + Q);
   unsigned char* s_flag = reinterpret_cast<unsigned char*>(s_surv + Q);

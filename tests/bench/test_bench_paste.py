@@ -191,7 +191,8 @@ def test_bench_paste(size):
     if base:
         _append({**stamp, "backend": "naive", "device": "cpu", **base, "ratio": 1.0})
     gbps = (ours["inputs_bytes"] + ours["output_bytes"]) / ours["median_ms"] / 1e6
-    print(f"\n{size} Q={Q} V={V} on {device}: ours {ours['median_ms']:.0f} ms (peak +{ours['peak_mem'] / 2**20:.0f} MB, "
+    print(f"\n{size} Q={Q} V={V} on {device}: ours {ours['median_ms']:.0f} ms "
+          f"(peak +{ours['peak_mem'] / 2**20:.0f} MB, "
           f"{gbps:.2f} GB/s of ideal traffic, {100 * ours['evaluated_frac']:.2f}% of (pixel, query) pairs evaluated)"
           + (f"; naive {base['median_ms']:.0f} ms (peak +{base['peak_mem'] / 2**20:.0f} MB, query chunk "
              f"{base['query_chunk']}); ratio {ratio:.1f}x" if base else "; naive skipped (does not fit)"))

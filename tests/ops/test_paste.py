@@ -94,7 +94,8 @@ def _original(logits, sizes, boxes, scores, H, W, threshold=0.5):
     up = F.interpolate(logits, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)  # V x Q x 4h x 4w
     probs = []
     for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
-        view = F.interpolate(up[v : v + 1, :, :rows, :cols], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        view = F.interpolate(up[v : v + 1, :, :rows, :cols], size=(y1 - y0, x1 - x0), mode="bilinear",
+                             align_corners=False)
         probs.append(view[0].sigmoid())
     fused = torch.zeros(Q, H, W)
     valid = torch.zeros(Q, H, W) + 1e-16
@@ -373,7 +374,8 @@ id_map, sc, area = paste_entities(logits, sizes, boxes, scores, (H, W), backend=
 elapsed = time.perf_counter() - t0
 peak = peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"elapsed": elapsed, "before": before, "peak": peak, "inputs": logits.numel() * 4,
-                  "output": id_map.numel() * 4, "entities": int((area > 0).sum()), "covered": float((id_map > 0).float().mean())}))
+                  "output": id_map.numel() * 4, "entities": int((area > 0).sum()),
+                  "covered": float((id_map > 0).float().mean())}))
 """
 
 
