@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import Config, from_dict, to_dict
-from .convert import OUR_COMPONENTS, ConversionReport, _first, convert_state_dict
+from .convert import OUR_COMPONENTS, ConversionReport, convert_state_dict, first_keys
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,6 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
         allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
-    for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_"):
-        allowed[("numpy", name)] = getattr(np, name)
     return allowed
 
 
@@ -205,7 +203,8 @@ def _as_tensor(key: str, value, path: Path) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
-        return torch.from_numpy(np.ascontiguousarray(value))
+        value = np.ascontiguousarray(value)
+        return torch.from_numpy(value if value.flags.writeable else value.copy())  # protocol 5 gives read-only views
     raise RuntimeError(f"{path}: entry {key!r} is not a numeric tensor or array ({type(value).__name__})")
 
 
@@ -219,7 +218,7 @@ def _find_state(obj: Any, path: Path) -> dict[str, Any]:
             return obj[key]
     if obj and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values()):
         return obj
-    raise RuntimeError(f"{path}: no state dict found (top-level keys: {_first([str(k) for k in obj], 10)})")
+    raise RuntimeError(f"{path}: no state dict found (top-level keys: {first_keys([str(k) for k in obj], 10)})")
 
 
 def read_checkpoint(path: str | Path) -> LoadedWeights:
@@ -251,7 +250,7 @@ def read_checkpoint(path: str | Path) -> LoadedWeights:
     except ValueError as exc:
         raise RuntimeError(f"{path}: {exc}") from None
     if report.unrecognised:
-        raise RuntimeError(f"{path}: keys the {report.format} rename table does not know: {_first(report.unrecognised)}")
+        raise RuntimeError(f"{path}: keys the {report.format} rename table does not know: {first_keys(report.unrecognised)}")
     return LoadedWeights(state, cfg, report)
 
 
@@ -341,7 +340,7 @@ class FitReport:
             lines.append(f"  not in the weights (keep their initial values): {', '.join(self.absent_components)}")
         for name, keys in (("missing", self.missing), ("unexpected (left out)", self.unexpected), ("ignored", self.ignored)):
             if keys:
-                lines.append(f"  {name}: {_first(keys, limit)}")
+                lines.append(f"  {name}: {first_keys(keys, limit)}")
         return "\n".join(lines)
 
 
@@ -424,7 +423,7 @@ def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sour
         bad_missing = [k for k in missing if _component(k) in covered and not _PARTIAL_OK.match(k)]
         bad_unexpected = [k for k in unexpected if _component(k) in model_parts]
     if not covered:
-        raise WeightsMismatch(f"{source} has no weights for this model (first keys: {_first(list(state), 5)})")
+        raise WeightsMismatch(f"{source} has no weights for this model (first keys: {first_keys(list(state), 5)})")
     if reshaped or bad_missing or bad_unexpected:
         hints = _hints(own, state, reshaped, reshaped + bad_missing + bad_unexpected)
         lines = [f"{source} does not fit this model" + (": " + "; ".join(hints) if hints else "")]
@@ -432,9 +431,9 @@ def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sour
             lines.append(f"  reshaped ({len(reshaped)}, weights vs model): " + "; ".join(
                 f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in reshaped[:5]) + (" ..." if len(reshaped) > 5 else ""))
         if bad_unexpected:
-            lines.append(f"  unexpected ({len(bad_unexpected)}): {_first(bad_unexpected, 5)}")
+            lines.append(f"  unexpected ({len(bad_unexpected)}): {first_keys(bad_unexpected, 5)}")
         if bad_missing:
-            lines.append(f"  missing ({len(bad_missing)}): {_first(bad_missing, 5)}")
+            lines.append(f"  missing ({len(bad_missing)}): {first_keys(bad_missing, 5)}")
         raise WeightsMismatch("\n".join(lines))
     return FitReport(missing=missing, unexpected=unexpected, ignored=ignored,
                      absent_components=[c for c in OUR_COMPONENTS if c in model_parts - covered])

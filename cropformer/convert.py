@@ -99,13 +99,13 @@ class ConversionReport:
         for key, why in self.dropped.items():
             reasons.setdefault(why, []).append(key)
         for why, keys in reasons.items():
-            lines.append(f"  dropped ({why}): {_first(keys, limit)}")
+            lines.append(f"  dropped ({why}): {first_keys(keys, limit)}")
         if self.unrecognised:
-            lines.append(f"  unrecognised: {_first(self.unrecognised, limit)}")
+            lines.append(f"  unrecognised: {first_keys(self.unrecognised, limit)}")
         return "\n".join(lines)
 
 
-def _first(keys: list[str], limit: int = 10) -> str:
+def first_keys(keys: list[str], limit: int = 10) -> str:
     """The first `limit` keys, comma separated, with the total when some are left out."""
     shown = ", ".join(keys[:limit])
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -415,7 +415,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
         )
     raise ValueError(
         "unknown checkpoint layout: the keys match none of CropFormer/Mask2Former (detectron2 or ours), "
-        "Swin/HorNet/ResNet ImageNet weights or HF Mask2Former; first keys: " + _first(list(state_dict), 8)
+        "Swin/HorNet/ResNet ImageNet weights or HF Mask2Former; first keys: " + first_keys(list(state_dict), 8)
     )
 
 
@@ -457,9 +457,10 @@ def main(argv: list[str] | None = None) -> int:
 
             with torch.device("meta"):  # shapes only: nothing is allocated
                 model = build_model(cfg.model)
-            fit = check_fit(model.state_dict(), state, source=args.src, strict=args.strict)
+            own = model.state_dict()
+            fit = check_fit(own, state, source=args.src, strict=args.strict)
             print(fit.summary(limit=1000))
-            state = {k: v for k, v in state.items() if k not in fit.unexpected}
+            state = {k: v for k, v in state.items() if k in own}
         save_weights(state, args.dst, cfg=cfg, metadata={"source": str(args.src), "source_format": loaded.report.format})
     except (WeightsMismatch, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

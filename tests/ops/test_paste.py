@@ -16,20 +16,17 @@ mismatch is such a pixel.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
+import pytest
+import torch
+import torch.nn.functional as F
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cropformer.ops._dispatch import has_compiled_op, triton_usable  # noqa: E402
-from cropformer.ops.paste import (  # noqa: E402
+from cropformer.ops._dispatch import has_compiled_op, triton_usable
+from cropformer.ops.paste import (
     _axis_matrix,
     _axis_taps,
     _linear_taps,
@@ -39,7 +36,7 @@ from cropformer.ops.paste import (  # noqa: E402
     paste_entities,
     paste_entities_ref,
 )
-from tests.conftest import REPO, assert_close, cuda_or_skip  # noqa: E402
+from tests.conftest import REPO, assert_close, cuda_or_skip
 
 NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
 
@@ -189,8 +186,9 @@ def test_tile_breaks_include_footprint_edges():
 @pytest.mark.parametrize("V,Q,H,W", [(1, 7, 37, 53), (2, 7, 61, 45), (5, 12, 160, 224), (5, 100, 47, 39)])
 def test_reference_matches_original(V, Q, H, W):
     logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=V * 100 + Q)
+    # Small chunks (5 queries x 9 rows, neither dividing Q or H) exercise the row and query chunking.
     ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W), score_mode="original", query_chunk=5,
-                             chunk_elems=4096)  # tiny chunks: exercise the row and query chunking
+                             chunk_elems=5 * W * 9)
     id_map, orig_scores = _original(logits, sizes, boxes, scores, H, W)
     n_diff, n_near = assert_id_maps_match(ref[0], id_map, fused_probs(logits, sizes, boxes, H, W))
     if n_diff == 0:
@@ -284,7 +282,8 @@ def blob_inputs(V, Q, H, W, seed=0, short=200):
     return logits, sizes, boxes, torch.rand(Q, generator=g)
 
 
-# Triton under the interpreter on CPU: small outputs (it is slow), still with partial tiles (37, 45 are
+# Triton under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 unless told otherwise):
+# small outputs (it is slow), still with partial tiles (37, 45 are
 # not multiples of 32), V = 1 and 5, Q = 1 and 7, and a tiled-score case.
 @pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
 @pytest.mark.parametrize("V,Q,H,W", [(1, 7, 37, 45), (5, 7, 37, 45), (5, 1, 23, 17), (2, 3, 70, 33)])

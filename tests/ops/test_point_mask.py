@@ -2,26 +2,37 @@
 composition: detectron2 `point_sample` (grid_sample on FLOAT ground truth) + Mask2Former's
 `batch_sigmoid_ce_loss` / `batch_dice_loss` / `sigmoid_ce_loss` / `dice_loss`, written out here in
 float64. The C++ backend runs when the extension is built or JIT-loaded
-(`CROPFORMER_JIT_OPS=point_mask python -m pytest tests/ops/test_point_mask.py`).
+(`CROPFORMER_JIT_OPS=point_mask python -m pytest tests/ops/test_point_mask.py`); the Triton kernels
+run on CPU under TRITON_INTERPRET=1 (set below unless given) and compiled on a GPU
+(`TRITON_INTERPRET=0 python -m pytest tests/ops/test_point_mask.py -m gpu`).
 """
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn.functional as F
+import os
 
-from cropformer.ops import point_mask as pm
-from cropformer.ops._dispatch import has_compiled_op
-from tests.conftest import assert_close
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
 
-BACKENDS = ["torch", "cpu"]
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cropformer.ops import point_mask as pm  # noqa: E402
+from cropformer.ops._dispatch import has_compiled_op, triton_usable  # noqa: E402
+from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+
+BACKENDS = ["torch", "cpu", "triton"]
 # fp32 against the float64 composition; float64 against float64 (the same math, other order)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
-def _backend_or_skip(backend):
+def _backend_or_skip(backend, dtype=torch.float32):
     if backend == "cpu" and not has_compiled_op("point_mask_loss_fwd"):
         pytest.skip("C++ point_mask ops not built (set CROPFORMER_JIT_OPS=point_mask)")
+    if backend == "triton":
+        if not triton_usable(torch.device("cpu")):
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+        if dtype == torch.float64:
+            pytest.skip("the Triton kernels compute in fp32; float64 stays on the reference")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ COST_SHAPES = [
 @pytest.mark.parametrize("gt_dtype", [torch.bool, torch.uint8])
 @pytest.mark.parametrize("shape", COST_SHAPES)
 def test_cost_matches_composition(shape, gt_dtype, dtype, backend):
-    _backend_or_skip(backend)
+    _backend_or_skip(backend, dtype)
     Q, N, T, h, w, H, W, P = shape
     g = torch.Generator().manual_seed(hash(shape) % 1000)
     pred = torch.randn(Q, T, h, w, generator=g, dtype=torch.float64) * 4
@@ -188,7 +199,7 @@ LOSS_SHAPES = [
 @pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("shape", LOSS_SHAPES)
 def test_loss_values_and_gradients(shape, indexed, dtype, backend):
-    _backend_or_skip(backend)
+    _backend_or_skip(backend, dtype)
     M, K, K2, h, w, H, W, P = shape
     g = torch.Generator().manual_seed(M * 100 + P)
     base = torch.randn(K, h, w, generator=g, dtype=torch.float64) * 4
