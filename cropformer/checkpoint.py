@@ -320,7 +320,13 @@ _PARTIAL_OK = re.compile(r"^image_encoder\.norm\d\.")
 
 
 class WeightsMismatch(RuntimeError):
-    """Weights that do not fit the model built from the config."""
+    """Weights that do not fit the model built from the config. The message names the first
+    mismatching keys; `reshaped` ("key: weights shape vs model shape"), `unexpected` and `missing`
+    hold all of them."""
+
+    def __init__(self, message: str, reshaped=(), unexpected=(), missing=()):
+        super().__init__(message)
+        self.reshaped, self.unexpected, self.missing = list(reshaped), list(unexpected), list(missing)
 
 
 @dataclass
@@ -434,7 +440,8 @@ def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sour
             lines.append(f"  unexpected ({len(bad_unexpected)}): {first_keys(bad_unexpected, 5)}")
         if bad_missing:
             lines.append(f"  missing ({len(bad_missing)}): {first_keys(bad_missing, 5)}")
-        raise WeightsMismatch("\n".join(lines))
+        raise WeightsMismatch("\n".join(lines), [f"{k}: {list(state[k].shape)} vs {list(own[k].shape)}" for k in reshaped],
+                              bad_unexpected, bad_missing)
     return FitReport(missing=missing, unexpected=unexpected, ignored=ignored,
                      absent_components=[c for c in OUR_COMPONENTS if c in model_parts - covered])
 

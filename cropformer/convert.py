@@ -464,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         save_weights(state, args.dst, cfg=cfg, metadata={"source": str(args.src), "source_format": loaded.report.format})
     except (WeightsMismatch, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, WeightsMismatch):
+            for name in ("reshaped", "unexpected", "missing"):
+                if getattr(exc, name):
+                    print(f"all {name} ({len(getattr(exc, name))}):\n  " + "\n  ".join(getattr(exc, name)), file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({len(state)} tensors)")
     return 0

@@ -57,6 +57,13 @@ def _bilinear(base, px, py, H, W, s_h, s_w, ok):
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u) to fp32 accuracy for small u (Kahan's correction), without libdevice."""
+    v = 1.0 + u
+    return tl.where(v == 1.0, u, tl.log(v) * u / (v - 1.0))
+
+
+@triton.jit
 def _point_mask_sample_kernel(
     maps_ptr, index_ptr, pts_ptr, out_ptr,
     T, P, H, W, s_k, s_t, s_h, s_w,
@@ -102,7 +109,7 @@ def _point_mask_loss_fwd_kernel(
         x = _bilinear(pbase, px, py, h, w, sp_h, sp_w, ok)
         t = _bilinear(gbase, px, py, H, W, sg_h, sg_w, ok) * valid
         s = tl.sigmoid(x)
-        bce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        bce = tl.maximum(x, 0.0) - x * t + _log1p(tl.exp(-tl.abs(x)))
         acc_bce += tl.where(ok, bce, 0.0)
         acc_st += tl.where(ok, s * t, 0.0)
         acc_s += tl.where(ok, s, 0.0)

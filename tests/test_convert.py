@@ -570,11 +570,16 @@ def test_malicious_pickle_is_refused(tmp_path, payload, kind, suffix):
     assert not target.exists(), "unpickling ran code from the file"
 
 
-def test_safe_unpickler_still_reads_python2_style_numpy_pickles(tmp_path):
-    """Protocol 0 (text) pickles of numpy arrays, as old model-zoo files, load with latin-1 strings."""
+@pytest.mark.parametrize("protocol,numpy_module", [(0, None), (2, None), (2, "numpy.core"), (5, None)])
+def test_safe_unpickler_reads_numpy_pickles(tmp_path, protocol, numpy_module):
+    """numpy arrays pickled with every protocol (0: text, as old model-zoo files; 5: read-only buffers),
+    and with numpy 1's module name `numpy.core` where numpy 2 writes `numpy._core`."""
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
-    with open(tmp_path / "old.pkl", "wb") as f:
-        pickle.dump({"blobs": {"res2.0.conv1.weight": arr}}, f, protocol=0)
+    data = pickle.dumps({"model": {"res2.0.conv1.weight": arr}, "__author__": "x"}, protocol=protocol)
+    if numpy_module is not None:  # protocol 2 spells globals as text lines, so the name can be swapped
+        data = data.replace(b"numpy._core.multiarray\n", f"{numpy_module}.multiarray\n".encode())
+        assert f"{numpy_module}.multiarray".encode() in data
+    (tmp_path / "old.pkl").write_bytes(data)
     state, _ = read_weights(tmp_path / "old.pkl")
     assert torch.equal(state["image_encoder.res2.0.conv1.weight"], torch.from_numpy(arr))
 
@@ -658,6 +663,7 @@ def test_convert_command_line(tmp_path, capsys):
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "bad.safetensors"), "--cfg", "cropformer_swin_tiny_3x"]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "image_encoder.patch_embed.proj.weight [32, 3, 4, 4] vs [96, 3, 4, 4]" in err
+    assert "all reshaped (" in err and "image_decoder.query_feat.weight: [12, 64] vs [100, 256]" in err
     assert not (tmp_path / "bad.safetensors").exists()
 
 

@@ -84,8 +84,8 @@ def make_inputs(Q, seed=0):
     for k in range(s["L"]):
         data = torch.randn(N, Q, s["h"], s["w"], generator=g).mul_(3)
         logits = torch.randn(N, Q, 2, generator=g)
-        image.append({"pred_logits": logits, "pred_masks": leaf(data)})
-        batch_masks = leaf(data.view(s["B"], Q, s["T"], s["h"], s["w"]))
+        image.append({"pred_logits": logits, "pred_masks": leaf(data.detach())})
+        batch_masks = leaf(data.detach().view(s["B"], Q, s["T"], s["h"], s["w"]))
         batch.append({"pred_logits": logits[: s["B"]], "pred_masks": batch_masks})
     return image, batch, targets
 
