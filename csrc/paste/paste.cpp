@@ -1,7 +1,9 @@
 // Fused multi-view paste of entity masks (cropformer.ops.paste_entities), C++ (OpenMP) CPU kernel and
 // the op's registration. The per-pixel math is in paste.h (shared with paste_cuda.cu); the geometry
 // (per-row / per-column taps, tile edges, query order) is prepared by cropformer/ops/paste.py::_plan.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>

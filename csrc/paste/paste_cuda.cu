@@ -3,7 +3,9 @@
 // (tile edges from cropformer/ops/paste.py::_plan) prunes the queries with the tile bounds, then its
 // threads evaluate the survivors pixel by pixel in descending class score, stopping at the first that is
 // on. Per-query sums go to shared memory first, then once per tile to global memory.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,8 @@
 // CPU (OpenMP) kernels of cropformer.ops.point_mask: bilinear sampling of compact masks and the
 // fused per-pair BCE + dice loss with its backward. Registered as torch.ops.cropformer_C.*.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
