@@ -127,7 +127,8 @@ def resolve(
         backend: the user's request, one of BACKENDS.
         device, dtype: of the op's main input.
         preference: ``(name, available(device, dtype) -> bool, why)`` in order of preference for
-            ``auto``; the torch reference is always the last resort and need not be listed.
+            ``auto``; the torch reference is always the last resort and need not be listed. ``auto``
+            never picks "triton" for a non-CUDA tensor (that would be the interpreter).
 
     Returns the chosen name. An explicit backend that is not available raises a RuntimeError that says
     why, never a silent fallback.
@@ -148,6 +149,9 @@ def resolve(
                 return name
         raise RuntimeError(f"{op}: backend {backend!r} is not implemented for this op")
     for name, available, why in preference:
+        # Triton on a CPU tensor is its interpreter: for tests, never an automatic choice.
+        if name == "triton" and device.type != "cuda":
+            continue
         if available(device, dtype):
             _log_once(op, name, why)
             return name

@@ -182,8 +182,6 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
         ("cpu", lambda device, dtype: device.type == "cpu", "SDPA with the mask broadcast over heads"),
         ("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits"),
     ]
-    if backend == "auto" and q.device.type != "cuda":
-        preference = preference[:1]  # the Triton interpreter is for tests, never a default
     choice = resolve("masked_cross_attention", backend, q.device, q.dtype, preference)
     if choice == "triton":
         if q.shape[2] == 0:

@@ -222,10 +222,7 @@ _PREFERENCE = (
 
 
 def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    preference = _PREFERENCE
-    if backend == "auto" and device.type != "cuda":
-        preference = tuple(p for p in _PREFERENCE if p[0] != "triton")  # the interpreter is for tests only
-    return resolve("ms_deform_attn", backend, device, dtype, preference)
+    return resolve("ms_deform_attn", backend, device, dtype, _PREFERENCE)
 
 
 # Availability is a property of the process, not of the traced values: torch.compile calls this once while
