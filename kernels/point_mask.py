@@ -117,7 +117,8 @@ def _point_mask_loss_fwd_kernel(
         tl.store(x_ptr + m * P + offs, x, mask=ok)
         tl.store(t_ptr + m * P + offs, t, mask=ok)
     tl.store(bce_ptr + m, tl.sum(acc_bce, axis=0) / P)
-    tl.store(dice_ptr + m, 1.0 - (2.0 * tl.sum(acc_st, axis=0) + 1.0) / (tl.sum(acc_s, axis=0) + tl.sum(acc_t, axis=0) + 1.0))
+    denom = tl.sum(acc_s, axis=0) + tl.sum(acc_t, axis=0) + 1.0
+    tl.store(dice_ptr + m, 1.0 - (2.0 * tl.sum(acc_st, axis=0) + 1.0) / denom)
 
 
 @triton.jit

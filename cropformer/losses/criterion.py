@@ -124,7 +124,8 @@ class SetCriterion(nn.Module):
         for t, v in zip(targets, valid_host):
             for view in range(T):
                 keep = torch.nonzero(v[:, view]).flatten()  # entities valid in this view
-                problems.append({"labels": t["labels"][keep.to(t["labels"].device)], "masks": t["masks"][:, view : view + 1], "rows": keep})
+                labels = t["labels"][keep.to(t["labels"].device)]
+                problems.append({"labels": labels, "masks": t["masks"][:, view : view + 1], "rows": keep})
                 rows.append(keep)
         return False, T, problems, rows, sum(len(r) for r in rows)
 
@@ -137,12 +138,14 @@ class SetCriterion(nn.Module):
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         for i, ((src, tgt), problem) in enumerate(zip(indices, problems)):
             if len(src):
-                classes[i, src.to(logits.device)] = problem["labels"][tgt.to(problem["labels"].device)].to(logits.device)
+                labels = problem["labels"][tgt.to(problem["labels"].device)]
+                classes[i, src.to(logits.device)] = labels.to(logits.device)
         loss = F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight.to(logits.device))
         return {"loss_ce": loss}
 
     def loss_masks(
-        self, output, targets, indices, num_masks, *, output_index, batch_level, num_views, rows, valid_host, sampler, **_
+        self, output, targets, indices, num_masks, *, output_index, batch_level, num_views, rows, valid_host,
+        sampler, **_,
     ):
         """Point-sampled BCE and dice per matched (prediction, target, view) pair, / num_masks."""
         pred_masks = output["pred_masks"]

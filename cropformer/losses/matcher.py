@@ -95,7 +95,9 @@ class HungarianMatcher(nn.Module):
         labels = target["labels"]
         prob = pred_logits.float().softmax(-1)
         cost_class = -prob[:, labels]  # Q x n
-        bce, dice = point_mask_cost(pred_masks, target["masks"], points, gt_valid=target.get("valid"), backend=self.backend)
+        bce, dice = point_mask_cost(
+            pred_masks, target["masks"], points, gt_valid=target.get("valid"), backend=self.backend
+        )
         if rows is not None:
             # costs were computed for every mask row (cheap); keep the problem's targets
             rows = rows.to(bce.device)

@@ -76,7 +76,8 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
     maps: K x C x h x w float; points: K x P x 2 (same dtype). Returns K x C x P (differentiable).
     """
-    return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+    grid = 2.0 * points[:, :, None] - 1.0  # K x P x 1 x 2
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
 
 
 def sample_compact(masks: torch.Tensor, points: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None):
@@ -123,12 +124,11 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, cpu_op: str) -> str:
+    # (`resolve` never auto-picks Triton for CPU tensors: that would be the interpreter)
     preference = (
         ("triton", _triton_ok, "Triton kernels"),
         ("cpu", _cpu_ok(cpu_op), "C++ kernels (csrc/point_mask)"),
     )
-    if backend == "auto" and device.type != "cuda":
-        preference = preference[1:]  # Triton on CPU is the interpreter: for tests only
     return resolve(op, backend, device, dtype, preference)
 
 
@@ -148,7 +148,9 @@ def _is_mask_dtype(t: torch.Tensor) -> bool:
 def _check_cost_inputs(pred_logits, gt_masks, points, gt_valid):
     """Normalise to pred Q x T x h x w, gt N x T x H x W, valid N x T (or None); clear errors."""
     if pred_logits.dim() not in (3, 4):
-        raise ValueError(f"point_mask_cost: pred_logits must be Q x h x w or Q x T x h x w, got {tuple(pred_logits.shape)}")
+        raise ValueError(
+            f"point_mask_cost: pred_logits must be Q x h x w or Q x T x h x w, got {tuple(pred_logits.shape)}"
+        )
     if gt_masks.dim() != pred_logits.dim():
         raise ValueError(
             f"point_mask_cost: gt_masks {tuple(gt_masks.shape)} must have the same number of dims as pred_logits "
@@ -164,14 +166,18 @@ def _check_cost_inputs(pred_logits, gt_masks, points, gt_valid):
         pred_logits, gt_masks = pred_logits[:, None], gt_masks[:, None]
         if gt_valid is not None:
             if gt_valid.dim() != 1:
-                raise ValueError(f"point_mask_cost: gt_valid must be N for N x H x W masks, got {tuple(gt_valid.shape)}")
+                raise ValueError(
+                    f"point_mask_cost: gt_valid must be N for N x H x W masks, got {tuple(gt_valid.shape)}"
+                )
             gt_valid = gt_valid[:, None]
     if pred_logits.shape[1] != gt_masks.shape[1]:
         raise ValueError(
             f"point_mask_cost: pred_logits has {pred_logits.shape[1]} views but gt_masks has {gt_masks.shape[1]}"
         )
     if gt_valid is not None and tuple(gt_valid.shape) != tuple(gt_masks.shape[:2]):
-        raise ValueError(f"point_mask_cost: gt_valid {tuple(gt_valid.shape)} must be N x T = {tuple(gt_masks.shape[:2])}")
+        raise ValueError(
+            f"point_mask_cost: gt_valid {tuple(gt_valid.shape)} must be N x T = {tuple(gt_masks.shape[:2])}"
+        )
     return pred_logits, gt_masks, gt_valid
 
 
@@ -266,14 +272,17 @@ def _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_v
     if points.dim() != 3 or points.shape[2] != 2:
         raise ValueError(f"point_mask_loss: points must be M x P x 2 (x, y), got {tuple(points.shape)}")
     m = points.shape[0]
-    for name, index, rows in (("pred_index", pred_index, pred_logits.shape[0]), ("gt_index", gt_index, gt_masks.shape[0])):
+    checks = (("pred_index", pred_index, pred_logits.shape[0]), ("gt_index", gt_index, gt_masks.shape[0]))
+    for name, index, rows in checks:
         if index is None:
             if rows != m:
                 raise ValueError(
                     f"point_mask_loss: {m} point sets but {rows} {name[:-6]} masks (pass {name} to pick rows)"
                 )
         elif index.dim() != 1 or index.shape[0] != m or index.dtype != torch.int64:
-            raise ValueError(f"point_mask_loss: {name} must be int64 of shape ({m},), got {index.dtype} {tuple(index.shape)}")
+            raise ValueError(
+                f"point_mask_loss: {name} must be int64 of shape ({m},), got {index.dtype} {tuple(index.shape)}"
+            )
     if gt_valid is not None and tuple(gt_valid.shape) != (m,):
         raise ValueError(f"point_mask_loss: gt_valid must be ({m},), got {tuple(gt_valid.shape)}")
 
@@ -313,7 +322,9 @@ class _PointMaskLossCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
-        bce, dice, x, t = torch.ops.cropformer_C.point_mask_loss_fwd(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+        bce, dice, x, t = torch.ops.cropformer_C.point_mask_loss_fwd(
+            pred_logits, gt_masks, points, pred_index, gt_index, gt_valid
+        )
         ctx.save_for_backward(points, pred_index, x, t)
         ctx.pred_shape = pred_logits.shape
         return bce, dice
@@ -338,7 +349,8 @@ def _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
     pred = pred_logits.to(dtype)
     if not pred.is_contiguous():
         pred = pred.contiguous()
-    return _PointMaskLossCPU.apply(pred, _as_sampleable(gt_masks), points.to(dtype).contiguous(), pred_index, gt_index, gt_valid)
+    pts = points.to(dtype).contiguous()
+    return _PointMaskLossCPU.apply(pred, _as_sampleable(gt_masks), pts, pred_index, gt_index, gt_valid)
 
 
 def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None, backend="auto"):
@@ -366,7 +378,9 @@ def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=
             arange if gt_index is None else gt_index,
             valid,
         )
-    return point_mask_loss_ref(pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid)
+    return point_mask_loss_ref(
+        pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,8 +398,8 @@ def _sample_candidates(logits, index, candidates, backend):
     if choice == "cpu":
         m = candidates.shape[0]
         index = torch.arange(m) if index is None else index.contiguous()
-        maps = logits.float()
-        return torch.ops.cropformer_C.point_mask_sample_rows(maps if maps.is_contiguous() else maps.contiguous(), index, candidates)
+        maps = logits.float().contiguous()  # no copy for the usual contiguous fp32 logits
+        return torch.ops.cropformer_C.point_mask_sample_rows(maps, index, candidates)
     return _sample_logits_rows(logits, index, candidates, torch.float32)
 
 
@@ -418,9 +432,14 @@ def sample_uncertain_points(
     if logits.dim() != 3:
         raise ValueError(f"sample_uncertain_points: logits must be M x h x w, got {tuple(logits.shape)}")
     if num_points < 1 or oversample_ratio < 1:
-        raise ValueError(f"sample_uncertain_points: need num_points >= 1 and oversample_ratio >= 1, got {num_points}, {oversample_ratio}")
+        raise ValueError(
+            f"sample_uncertain_points: need num_points >= 1 and oversample_ratio >= 1, got {num_points}, "
+            f"{oversample_ratio}"
+        )
     if not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"sample_uncertain_points: importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+        raise ValueError(
+            f"sample_uncertain_points: importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
+        )
     m = logits.shape[0] if index is None else index.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)

@@ -104,7 +104,8 @@ at::Tensor sample_rows_cpu(const at::Tensor& maps, const at::Tensor& index, cons
   CF_CHECK_CONTIGUOUS(maps);
   TORCH_CHECK(maps.dim() == 3, "point_mask_sample_rows: maps must be K x h x w, got ", maps.sizes());
   check_points(points, 3, "point_mask_sample_rows");
-  TORCH_CHECK(maps.scalar_type() == points.scalar_type(), "point_mask_sample_rows: maps and points must have one dtype");
+  TORCH_CHECK(maps.scalar_type() == points.scalar_type(),
+              "point_mask_sample_rows: maps and points must have one dtype");
   const int64_t K = maps.size(0), h = maps.size(1), w = maps.size(2), M = points.size(0), S = points.size(1);
   check_index(index, M, K, "point_mask_sample_rows: index");
   auto out = at::empty({M, S}, points.options());
@@ -149,7 +150,8 @@ std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& g
   check_index(gt_index, M, gt.size(0), "point_mask_loss_fwd: gt_index");
   CF_CHECK_CPU(gt_valid);
   CF_CHECK_CONTIGUOUS(gt_valid);
-  TORCH_CHECK(gt_valid.scalar_type() == at::kByte && gt_valid.numel() == M, "point_mask_loss_fwd: gt_valid must be uint8 (", M, ")");
+  TORCH_CHECK(gt_valid.scalar_type() == at::kByte && gt_valid.numel() == M,
+              "point_mask_loss_fwd: gt_valid must be uint8 (", M, ")");
   auto bce = at::empty({M}, pred.options());
   auto dice = at::empty({M}, pred.options());
   auto xs = at::empty({M, P}, pred.options());

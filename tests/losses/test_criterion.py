@@ -66,8 +66,13 @@ def golden_outputs(out, prefix):
 def golden_sampler(out, level):
     """The recorded draws. 2d: matcher draws rand.(4o + b), loss coords 0o; 3d: rand.(16 + 3o), 0(4+o)."""
     if level == "2d":
-        return FixedSampler(lambda o, b: out["train.rand.%02d" % (4 * o + b)][0], lambda o, m: out["train.loss_point_coords.%02d" % o])
-    return FixedSampler(lambda o, b: out["train.rand.%02d" % (16 + 3 * o + b)][0], lambda o, m: out["train.loss_point_coords.%02d" % (4 + o)])
+        return FixedSampler(
+            lambda o, b: out["train.rand.%02d" % (4 * o + b)][0], lambda o, m: out["train.loss_point_coords.%02d" % o]
+        )
+    return FixedSampler(
+        lambda o, b: out["train.rand.%02d" % (16 + 3 * o + b)][0],
+        lambda o, m: out["train.loss_point_coords.%02d" % (4 + o)],
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -80,9 +85,12 @@ def test_golden_losses_and_matches(backend):
         raw, indices = criteria[level].compute(outputs, targets, golden_sampler(out, tag))
         assert len(raw) == 12
         for name, value in raw.items():
-            assert_close(value, out[f"train.criterion_{tag}_raw.{name}"], rtol=1e-5, atol=1e-6, name=f"{tag} raw {name}")
+            expected = out[f"train.criterion_{tag}_raw.{name}"]
+            assert_close(value, expected, rtol=1e-5, atol=1e-6, name=f"{tag} raw {name}")
         weighted = criteria[level](outputs, targets, golden_sampler(out, tag))
-        expected = {k[len("train.loss."):]: v for k, v in out.items() if k.startswith("train.loss.") and k.endswith(tag)}
+        expected = {
+            k[len("train.loss.") :]: v for k, v in out.items() if k.startswith("train.loss.") and k.endswith(tag)
+        }
         assert sorted(weighted) == sorted(expected)
         for name, value in weighted.items():
             assert value.dtype == torch.float32
@@ -182,7 +190,10 @@ def random_case(g, B=2, T=3, Q=11, n=(6, 0), h=9, w=13, H=36, W=52, L=3, batch_l
         targets.append({"labels": torch.zeros(n[b], dtype=torch.int64), "masks": masks, "valid": valid})
     N = B if batch_level else B * T
     shape = (N, Q, T, h, w) if batch_level else (N, Q, h, w)
-    outputs = [{"pred_logits": torch.randn(N, Q, 2, generator=g), "pred_masks": torch.randn(*shape, generator=g) * 3} for _ in range(L)]
+    outputs = [
+        {"pred_logits": torch.randn(N, Q, 2, generator=g), "pred_masks": torch.randn(*shape, generator=g) * 3}
+        for _ in range(L)
+    ]
     return outputs, targets
 
 
@@ -246,7 +257,9 @@ def test_perfect_prediction_gives_near_zero_losses():
     q_masks[0] = torch.where(low[1] & valid[1][:, None, None], 20.0, -20.0)
     q_logits = torch.tensor([[20.0, -20.0], [-20.0, 20.0], [20.0, -20.0]])
     P = 200
-    sampler = FixedSampler(lambda o, i: safe_points(g, P), lambda o, m: torch.stack([safe_points(g, P) for _ in range(m)]))
+    sampler = FixedSampler(
+        lambda o, i: safe_points(g, P), lambda o, m: torch.stack([safe_points(g, P) for _ in range(m)])
+    )
     crit = build_criteria(num_points=P)
     # per view, query 0 says no-object in view 1 where entity 1 is absent
     view_logits = torch.stack([q_logits, q_logits.clone()])
@@ -374,9 +387,13 @@ def test_zero_targets_ten_outputs_and_fp32(level):
         o["pred_masks"].requires_grad_(True)
     out = dict(outputs[-1], aux_outputs=outputs[:-1])
     crit = build_criteria(num_points=50)[level]
+    bf16 = dict(
+        out,
+        pred_masks=out["pred_masks"].bfloat16(),
+        aux_outputs=[dict(a, pred_masks=a["pred_masks"].bfloat16()) for a in out["aux_outputs"]],
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = crit(dict(out, pred_masks=out["pred_masks"].bfloat16(),
-                           aux_outputs=[dict(a, pred_masks=a["pred_masks"].bfloat16()) for a in out["aux_outputs"]]), targets)
+        losses = crit(bf16, targets)
     suffix = "_2d" if level == "image" else "_3d"
     names = {f"loss_{k}{s}{suffix}" for k in ("ce", "mask", "dice") for s in [""] + [f"_{i}" for i in range(9)]}
     assert set(losses) == names
@@ -384,7 +401,9 @@ def test_zero_targets_ten_outputs_and_fp32(level):
     sum(losses.values()).backward()
     assert all(o["pred_masks"].grad is not None for o in outputs)
 
-    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": t["masks"][:0], "valid": t["valid"][:0]} for t in targets]
+    empty = [
+        {"labels": torch.zeros(0, dtype=torch.int64), "masks": t["masks"][:0], "valid": t["valid"][:0]} for t in targets
+    ]
     losses = crit(out, empty)
     assert losses["loss_mask" + suffix].item() == 0 and losses["loss_dice" + suffix].item() == 0
     assert torch.isfinite(losses["loss_ce" + suffix])

@@ -3,22 +3,20 @@ composition: detectron2 `point_sample` (grid_sample on FLOAT ground truth) + Mas
 `batch_sigmoid_ce_loss` / `batch_dice_loss` / `sigmoid_ce_loss` / `dice_loss`, written out here in
 float64. The C++ backend runs when the extension is built or JIT-loaded
 (`CROPFORMER_JIT_OPS=point_mask python -m pytest tests/ops/test_point_mask.py`); the Triton kernels
-run on CPU under TRITON_INTERPRET=1 (set below unless given) and compiled on a GPU
+run on CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it unless given) and compiled on a GPU
 (`TRITON_INTERPRET=0 python -m pytest tests/ops/test_point_mask.py -m gpu`).
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ (and so triton.jit) is imported
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cropformer.ops import point_mask as pm  # noqa: E402
-from cropformer.ops._dispatch import has_compiled_op, triton_usable  # noqa: E402
-from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+from cropformer.ops import point_mask as pm
+from cropformer.ops._dispatch import has_compiled_op, triton_usable
+from tests.conftest import assert_close, cuda_or_skip
 
 BACKENDS = ["torch", "cpu", "triton"]
 # fp32 against the float64 composition; float64 against float64 (the same math, other order)
@@ -206,7 +204,9 @@ def test_loss_values_and_gradients(shape, indexed, dtype, backend):
     g = torch.Generator().manual_seed(M * 100 + P)
     base = torch.randn(K, h, w, generator=g, dtype=torch.float64) * 4
     gt_all = make_masks(K2, 1, H, W, g)[:, 0]
-    pts = torch.stack([make_points(P, g, torch.float64, h, w, H, W) for _ in range(M)]) if M else torch.zeros(0, P, 2, dtype=torch.float64)
+    pts = torch.zeros(0, P, 2, dtype=torch.float64)
+    if M:
+        pts = torch.stack([make_points(P, g, torch.float64, h, w, H, W) for _ in range(M)])
     if M:
         pts[0, :3] = torch.tensor([[-0.2, 0.5], [0.5, 1.3], [1.0 + 1e-3, 0.0]], dtype=torch.float64)  # outside
     valid = torch.rand(M, generator=g) > 0.3
@@ -267,7 +267,8 @@ def test_uncertain_points_match_detectron2(backend):
     logits = torch.randn(7, 13, 17, generator=g) * 3
     for num_points, over, imp in ((97, 3.0, 0.75), (20, 2.0, 1.0), (33, 1.0, 0.0)):
         exp = ref_uncertain_points(logits, num_points, over, imp, torch.Generator().manual_seed(11))
-        got = pm.sample_uncertain_points(logits, num_points, over, imp, torch.Generator().manual_seed(11), backend=backend)
+        gen = torch.Generator().manual_seed(11)
+        got = pm.sample_uncertain_points(logits, num_points, over, imp, gen, backend=backend)
         assert got.shape == (7, num_points, 2)
         if backend == "triton":
             # other fp32 rounding (no fma order) may swap candidates whose |logit| tie to ~1e-7
@@ -293,7 +294,8 @@ def test_triton_compiled_on_gpu_matches_reference():
     pred = torch.randn(Q, T, h, w, generator=g, device=dev) * 3
     gt = torch.rand(N, T, H, W, generator=g, device=dev) > 0.5
     pts = torch.rand(P, 2, generator=g, device=dev) * 1.1 - 0.05
-    for a, e in zip(pm.point_mask_cost(pred, gt, pts, backend="triton"), pm.point_mask_cost(pred, gt, pts, backend="torch")):
+    costs = [pm.point_mask_cost(pred, gt, pts, backend=b) for b in ("triton", "torch")]
+    for a, e in zip(*costs):
         assert_close(a, e, rtol=1e-4, atol=1e-5)
     K, M = Q * T, 29
     logits = pred.reshape(K, h, w).clone().requires_grad_(True)
@@ -335,7 +337,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="point sets"):
         pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(4, 10, 2))
     with pytest.raises(ValueError, match="pred_index"):
-        pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(3, 10, 2), pred_index=torch.zeros(2, dtype=torch.int64))
+        pm.point_mask_loss(
+            torch.randn(3, 5, 5), gt[:3, 0], torch.rand(3, 10, 2), pred_index=torch.zeros(2, dtype=torch.int64)
+        )
     with pytest.raises(ValueError, match="M x P x 2"):
         pm.point_mask_loss(torch.randn(3, 5, 5), gt[:3, 0], torch.rand(3, 10))
     with pytest.raises(ValueError, match="unknown backend"):
