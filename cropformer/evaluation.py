@@ -31,8 +31,8 @@ def evaluate_entities(gt: str | Path | dict, predictions: list[dict], use_faster
     Each prediction needs `image_id`, `segmentation` (COCO RLE) and `score`. Uses `faster_coco_eval`
     when installed and `use_faster` (same numbers), else pycocotools.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.coco import COCO as coco_cls
+    from pycocotools.cocoeval import COCOeval as eval_cls
 
     if not isinstance(gt, dict):
         path = Path(gt)
@@ -48,20 +48,18 @@ def evaluate_entities(gt: str | Path | dict, predictions: list[dict], use_faster
         preds.append(q)
     if use_faster:
         try:
-            from faster_coco_eval import COCO as FCOCO  # noqa: F401
-            from faster_coco_eval import COCOeval_faster
-
-            COCO, COCOeval = FCOCO, COCOeval_faster  # noqa: N806
+            from faster_coco_eval import COCO as coco_cls  # noqa: F811
+            from faster_coco_eval import COCOeval_faster as eval_cls  # noqa: F811
         except ImportError:
             pass
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
+        coco_gt = coco_cls()
         coco_gt.dataset = gt
         coco_gt.createIndex()
         if not preds:
             return {name: 0.0 for name in METRIC_NAMES}
         coco_dt = coco_gt.loadRes(preds)
-        ev = COCOeval(coco_gt, coco_dt, "segm")
+        ev = eval_cls(coco_gt, coco_dt, "segm")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -21,14 +21,13 @@ $CROPFORMER_BENCH_OUT (default bench_results.jsonl).
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.bench.common import record
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"4000x3000": (3000, 4000), "12000x9000": (9000, 12000)}
@@ -132,14 +131,6 @@ def _run(kind: str, path: Path, ann: Path, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _record(rec: dict) -> None:
-    import torch
-
-    rec.update(device="cpu", date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__)
-    with open(os.environ.get("CROPFORMER_BENCH_OUT", "bench_results.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 @pytest.mark.bench
 @pytest.mark.parametrize("name", list(SIZES))
 def test_bench_decode(tmp_path, name):
@@ -171,7 +162,7 @@ def test_bench_decode(tmp_path, name):
           f"peak {res['masks_rle']['peak_mem'] / 2**20:7.1f} MiB  -> {mask_ratio:.2f}x faster (identical masks)")
     for kind, base in (("full", None), ("reduced", "full"), ("masks_full", None), ("masks_rle", "masks_full")):
         r = res[kind]
-        _record({"op": "decode_views" if "masks" not in kind else "mask_views", "shape": name, "backend": kind,
+        record("decode_views" if "masks" not in kind else "mask_views", {"shape": name, "backend": kind,
                  "median_ms": r["median_ms"], "min_ms": r["min_ms"], "ratio": (res[base]["median_ms"] / r["median_ms"]) if base else 1.0,
                  "peak_mem": r["peak_mem"], "reduction": r["reduction"], "file_bytes": jpg.stat().st_size,
                  "decoded_bytes_full": height * width * 3, "image_mean_abs_diff": diffs if kind == "reduced" else None})

@@ -26,11 +26,8 @@ Each record is appended as a JSON line to $CROPFORMER_BENCH_OUT (default bench_r
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import statistics
-import tempfile
 import time
 
 import pytest
@@ -38,29 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from cropformer.ops.masked_attention import attention_block_mask, masked_cross_attention, masked_cross_attention_ref
+from tests.bench.common import peak_bytes, record
 
 B, Q, H, D = 2, 200, 8, 32
 IMAGE_LEVELS = {"32x32": 32 * 32, "64x64": 64 * 64, "128x128": 128 * 128}
 BATCH_KEYS = 5 * 128 * 128  # T = 5 views at 1/8 of 1024
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak bytes held by tensors allocated while `fn()` runs on CPU, from the profiler's allocator
-    events ("Total Allocated" is c10's running total; the first event gives the level before)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-    if not mem:
-        return 0
-    before = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(m["Total Allocated"] for m in mem) - before
 
 
 def sdpa_dense(q, k, v, mask_logits):
@@ -140,30 +119,6 @@ def _time_ms(run, device, repeats):
     return statistics.median(times), min(times), max(times)
 
 
-def _peak(run, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    return cpu_peak_bytes(run)
-
-
-def _record(rec):
-    rec.update(op="masked_cross_attention", date=datetime.datetime.now().isoformat(timespec="seconds"),
-               torch=torch.__version__)
-    try:
-        import triton
-
-        rec["triton"] = triton.__version__
-    except ImportError:
-        pass
-    with open(os.environ.get("CROPFORMER_BENCH_OUT", "bench_results.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 def _work(keys, mode, elem):
     flops = 4 * B * H * Q * keys * D * (1 if mode == "fwd" else 3.5)
     qo = B * H * Q * D * elem
@@ -179,7 +134,7 @@ def _run_case(label, keys, mode, device, dtype, backends, ours, repeats, with_ti
     results = {}
     for name, fn in backends.items():
         run = _step(fn, inputs, mode)
-        peak = _peak(run, device)
+        peak = peak_bytes(run, device)
         med, lo, hi = _time_ms(run, device, repeats) if with_time else (float("nan"),) * 3
         results[name] = dict(median_ms=med, lo_ms=lo, hi_ms=hi, peak_mem=peak)
     base = results[ours]["median_ms"]
@@ -189,7 +144,7 @@ def _run_case(label, keys, mode, device, dtype, backends, ours, repeats, with_ti
         ratio = r["median_ms"] / base
         print(f"  {name:11s} {r['median_ms']:10.3f} ms  ratio {ratio:6.2f}  peak {r['peak_mem'] / 2**20:9.1f} MiB  "
               f"{flops / r['median_ms'] / 1e6:8.1f} GFLOP/s  {traffic / r['median_ms'] / 1e6:8.2f} GB/s")
-        _record(dict(shape=dict(B=B, H=H, Q=Q, K=keys, D=D, level=label), mode=mode, backend=name,
+        record("masked_cross_attention", dict(shape=dict(B=B, H=H, Q=Q, K=keys, D=D, level=label), mode=mode, backend=name,
                      ours=ours, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      dtype=str(dtype), ratio=ratio, flops=flops, min_bytes=traffic, **r))
     return results

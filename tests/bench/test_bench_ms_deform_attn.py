@@ -29,8 +29,6 @@ Each record is appended as a JSON line to $CROPFORMER_BENCH_OUT (default bench_r
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import statistics
 import time
@@ -40,6 +38,7 @@ import torch
 
 from cropformer.ops._dispatch import has_compiled_op, has_cuda_kernels
 from cropformer.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref
+from tests.bench.common import peak_bytes, record
 
 H, D, P = 8, 32, 4
 SHAPES = {
@@ -142,32 +141,6 @@ def _time_all(runs, device, repeats):
     return out
 
 
-def _peak(run, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from tests.bench.test_bench_masked_attention import cpu_peak_bytes
-
-    return cpu_peak_bytes(run)
-
-
-def _record(rec):
-    rec.update(op="ms_deform_attn", date=datetime.datetime.now().isoformat(timespec="seconds"),
-               torch=torch.__version__)
-    try:
-        import triton
-
-        rec["triton"] = triton.__version__
-    except ImportError:
-        pass
-    with open(os.environ.get("CROPFORMER_BENCH_OUT", "bench_results.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 def run_case(shape, mode, device, dtype, backends, repeats):
     B, levels = SHAPES[shape]
     inputs = make_inputs(B, levels, dtype, device)
@@ -178,7 +151,7 @@ def run_case(shape, mode, device, dtype, backends, repeats):
     results = {}
     for name, run in runs.items():
         med, lo, hi = timings[name]
-        results[name] = dict(median_ms=med, q20_ms=lo, q80_ms=hi, peak_mem=_peak(run, device))
+        results[name] = dict(median_ms=med, q20_ms=lo, q80_ms=hi, peak_mem=peak_bytes(run, device))
     base = results["torch"]["median_ms"]
     S = sum(h * w for h, w in levels)
     print(f"\nms_deform_attn {shape} {mode} {device.type} {dtype}: B={B} S=Q={S} H={H} D={D} L={len(levels)} "
@@ -187,7 +160,7 @@ def run_case(shape, mode, device, dtype, backends, repeats):
         ratio = base / r["median_ms"]
         print(f"  {name:7s} {r['median_ms']:10.3f} ms  ratio {ratio:6.2f}  peak {r['peak_mem'] / 2**20:8.1f} MiB  "
               f"{flops / r['median_ms'] / 1e6:8.1f} GFLOP/s  {traffic / r['median_ms'] / 1e6:8.2f} GB/s")
-        _record(dict(shape=dict(name=shape, B=B, levels=levels, S=S, Q=S, H=H, D=D, P=P), mode=mode, backend=name,
+        record("ms_deform_attn", dict(shape=dict(name=shape, B=B, levels=levels, S=S, Q=S, H=H, D=D, P=P), mode=mode, backend=name,
                      device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      threads=torch.get_num_threads(), dtype=str(dtype), ratio=ratio, flops=flops,
                      min_bytes=traffic, **r))

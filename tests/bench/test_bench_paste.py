@@ -23,7 +23,6 @@ Records are appended as JSON lines to $CROPFORMER_BENCH_OUT (default bench_resul
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import statistics
@@ -36,6 +35,7 @@ import torch
 
 from cropformer.ops.paste import _rank_order
 from tests.conftest import REPO
+from tests.bench.common import record
 
 SIZES = {"1333x1000": (1000, 1333), "4000x3000": (3000, 4000), "12000x9000": (9000, 12000)}
 Q, V = 100, 5
@@ -166,12 +166,6 @@ def _subprocess(method: str, size: str, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _append(record: dict) -> None:
-    path = os.environ.get("CROPFORMER_BENCH_OUT", "bench_results.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 @pytest.mark.bench
 @pytest.mark.parametrize("size", list(SIZES))
 def test_bench_paste(size):
@@ -184,12 +178,10 @@ def test_bench_paste(size):
     ours = _subprocess("ours", size, device)
     base = _subprocess("naive", size, "cpu") if size != "12000x9000" else None
     ratio = base["median_ms"] / ours["median_ms"] if base else None
-    stamp = {"op": "paste_entities", "shape": f"{size} Q={Q} V={V}", "device": device,
-             "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-             "threads": torch.get_num_threads()}
-    _append({**stamp, "backend": "cuda" if device == "cuda" else "cpu", **ours, "ratio": ratio})
+    stamp = {"shape": f"{size} Q={Q} V={V}", "device": device, "threads": torch.get_num_threads()}
+    record("paste_entities", {**stamp, "backend": "cuda" if device == "cuda" else "cpu", **ours, "ratio": ratio})
     if base:
-        _append({**stamp, "backend": "naive", "device": "cpu", **base, "ratio": 1.0})
+        record("paste_entities", {**stamp, "backend": "naive", "device": "cpu", **base, "ratio": 1.0})
     gbps = (ours["inputs_bytes"] + ours["output_bytes"]) / ours["median_ms"] / 1e6
     print(f"\n{size} Q={Q} V={V} on {device}: ours {ours['median_ms']:.0f} ms "
           f"(peak +{ours['peak_mem'] / 2**20:.0f} MB, "

@@ -19,7 +19,8 @@ from cropformer.ops.masked_attention import (  # noqa: E402
     masked_cross_attention,
     masked_cross_attention_ref,
 )
-from tests.bench.test_bench_masked_attention import cpu_peak_bytes, sdpa_dense  # noqa: E402
+from tests.bench.common import cpu_peak_bytes  # noqa: E402
+from tests.bench.test_bench_masked_attention import sdpa_dense  # noqa: E402
 from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
 
 # B, H, Q, K, D. Q and K prime or one past a block (16 / 64) so every kernel has partial tail blocks;
