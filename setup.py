@@ -185,7 +185,7 @@ setup(
     ],
     extras_require={
         "build": ["ninja", "pybind11"],
-        "test": ["pytest", "transformers"],
+        "test": ["pytest", "transformers", "faster-coco-eval"],
         "triton": ["triton>=3.6"],
     },
     ext_modules=ext_modules,

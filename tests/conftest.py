@@ -74,3 +74,18 @@ def pytest_configure(config):
         from cropformer.ops._dispatch import jit_load
 
         jit_load(ops, cuda=os.environ.get("CROPFORMER_JIT_CUDA", "0") == "1")
+
+
+def triton_device_or_skip(device: str) -> torch.device:
+    """The device a Triton kernel test runs on: "cuda" (compiled; needs TRITON_INTERPRET=0) or "cpu"
+    (the interpreter); skips with the reason otherwise."""
+    from cropformer.ops._dispatch import triton_interpret, triton_usable
+
+    if device == "cuda":
+        dev = cuda_or_skip()
+        if triton_interpret():
+            pytest.skip("TRITON_INTERPRET=1 would interpret the GPU kernels; rerun with TRITON_INTERPRET=0")
+        return dev
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 and triton")
+    return torch.device("cpu")

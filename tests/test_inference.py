@@ -240,3 +240,12 @@ def test_overlay_sizes_and_boundaries():
     assert (vis[(id_map == 1) & ~b] != 100).any(axis=-1).all()  # entities are tinted
     with pytest.raises(ValueError, match="differ in size"):
         overlay(image, id_map[:10])
+
+
+def test_faster_coco_eval_gives_identical_numbers():
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval not installed (optional; pip install faster-coco-eval)")
+    gt, preds = _coco_case(np.random.default_rng(1), num_images=5)
+    stock = evaluate_entities(gt, preds, use_faster=False)
+    faster = evaluate_entities(gt, preds, use_faster=True)
+    for name, value in stock.items():
+        assert faster[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name

@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cropformer.ops import masked_attention as ma  # noqa: E402
-from cropformer.ops._dispatch import triton_interpret, triton_usable  # noqa: E402
 from cropformer.ops.masked_attention import (  # noqa: E402
     attention_block_mask,
     masked_cross_attention,
@@ -21,7 +20,7 @@ from cropformer.ops.masked_attention import (  # noqa: E402
 )
 from tests.bench.common import cpu_peak_bytes  # noqa: E402
 from tests.bench.test_bench_masked_attention import sdpa_dense  # noqa: E402
-from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+from tests.conftest import assert_close, triton_device_or_skip  # noqa: E402
 
 # B, H, Q, K, D. Q and K prime or one past a block (16 / 64) so every kernel has partial tail blocks;
 # K = 1 is the one-key edge (each row is then fully open or fully blocked, hence opened);
@@ -83,17 +82,6 @@ def _kernel(tuning):
     from kernels.masked_attention import masked_attention
 
     return lambda q, k, v, m: masked_attention(q, k, v, m, **tuning)
-
-
-def _device_or_skip(device):
-    if device == "cuda":
-        dev = cuda_or_skip()
-        if triton_interpret():
-            pytest.skip("TRITON_INTERPRET=1 would interpret the GPU kernels; rerun with TRITON_INTERPRET=0")
-        return dev
-    if not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 and triton")
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,7 +179,7 @@ def test_cpu_path_parity(B, H, Q, K, D, density, dtype):
 @pytest.mark.parametrize("B,H,Q,K,D", SHAPES)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_fp32_parity(device, B, H, Q, K, D, density, tuning):
-    dev = _device_or_skip(device)
+    dev = triton_device_or_skip(device)
     q, k, v, logits = make_inputs(B, H, Q, K, D, density, dtype=torch.float32)
     grad_out = torch.randn(B, H, Q, D, dtype=torch.float64)
     expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
@@ -223,7 +211,7 @@ def assert_within_torch_error(actual, torch_lowp, expected):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_low_precision_parity(device, dtype, B, H, Q, K, D, tuning):
-    dev = _device_or_skip(device)
+    dev = triton_device_or_skip(device)
     q, k, v, logits = make_inputs(B, H, Q, K, D, 0.3, dtype=dtype)
     q, k, v = [t.to(dtype).double() for t in (q, k, v)]  # exactly representable in dtype
     grad_out = torch.randn(B, H, Q, D, dtype=torch.float64).to(dtype).double()
@@ -249,7 +237,7 @@ def test_cpu_path_low_precision(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_decoder_shape_gpu(dtype):
     """Decoder-sized case on the GPU through the dispatch, automatic blocks and key splits (K = 64 x 64 + 3)."""
-    dev = _device_or_skip("cuda")
+    dev = triton_device_or_skip("cuda")
     B, H, Q, K, D = 2, 8, 200, 64 * 64 + 3, 32
     q, k, v, logits = make_inputs(B, H, Q, K, D, 0.2, dtype=dtype, device=dev)
     q, k, v = [t.to(dtype).double() for t in (q, k, v)]
@@ -269,7 +257,7 @@ def test_triton_decoder_shape_gpu(dtype):
 def test_triton_logit_edge_values(device, tuning):
     """Rows whose only open key has logit 0.0, -0.0 or NaN (all open: none is < 0), next to a fully
     blocked row; random logits never produce these values."""
-    dev = _device_or_skip(device)
+    dev = triton_device_or_skip(device)
     B, H, Q, K, D = 1, 2, 5, 37, 32
     q, k, v, logits = make_inputs(B, H, Q, K, D, 0.5, dtype=torch.float32)
     logits[:, :4] = -1.0
@@ -287,7 +275,7 @@ def test_triton_logit_edge_values(device, tuning):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_strided_inputs(device):
     """Non-contiguous q (B x Q x H x D transposed, as a decoder produces it), k, v and logits."""
-    dev = _device_or_skip(device)
+    dev = triton_device_or_skip(device)
     B, H, Q, K, D = 2, 2, 19, 41, 32
     q, k, v, logits = make_inputs(B, H, Q, K, D, 0.3, dtype=torch.float32)
     q_s = q.float().transpose(1, 2).contiguous().transpose(1, 2)
@@ -310,7 +298,7 @@ def test_triton_strided_inputs(device):
 
 def test_dispatch_triton_matches_reference():
     """backend="triton" goes through the custom op and its registered autograd."""
-    _device_or_skip("cpu")
+    triton_device_or_skip("cpu")
     q, k, v, logits = make_inputs(1, 2, 23, 45, 32, 0.2, dtype=torch.float32)
     grad_out = torch.randn(1, 2, 23, 32, dtype=torch.float64)
     expected = grads(masked_cross_attention_ref, q, k, v, logits.double(), grad_out)
@@ -322,7 +310,7 @@ def test_dispatch_triton_matches_reference():
 
 def test_custom_op_opcheck():
     """Schema, fake (meta) implementation and autograd registration of the Triton custom op."""
-    _device_or_skip("cpu")
+    triton_device_or_skip("cpu")
     q, k, v, logits = [t.float() for t in make_inputs(1, 2, 9, 18, 32, 0.4)]
     for t in (q, k, v):
         t.requires_grad_()
@@ -359,7 +347,7 @@ def test_unavailable_backend_raises():
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_no_queries(backend):
     if backend == "triton":
-        _device_or_skip("cpu")
+        triton_device_or_skip("cpu")
     q, k, v, logits = [t.float() for t in make_inputs(2, 2, 0, 5, 32, 0.5)]
     out = masked_cross_attention(q, k, v, logits, backend=backend)
     assert out.shape == (2, 2, 0, 32)
@@ -403,7 +391,7 @@ def test_bad_inputs_raise(case, backend):
 def test_torch_compile_fullgraph(backend):
     """torch.compile traces the dispatch and the custom op (fake kernels, registered autograd) in one graph."""
     if backend == "triton":
-        _device_or_skip("cpu")
+        triton_device_or_skip("cpu")
     q, k, v, logits = [t.float() for t in make_inputs(1, 2, 9, 18, 32, 0.4)]
     grad_out = torch.randn(1, 2, 9, 32, dtype=torch.float64)
     compiled = torch.compile(lambda *a: masked_cross_attention(*a, backend=backend), backend="aot_eager",

@@ -20,9 +20,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cropformer.ops import _dispatch  # noqa: E402
-from cropformer.ops._dispatch import has_compiled_op, has_cuda_kernels, triton_interpret, triton_usable  # noqa: E402
+from cropformer.ops._dispatch import has_compiled_op, has_cuda_kernels, triton_interpret  # noqa: E402
 from cropformer.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
-from tests.conftest import assert_close, cuda_or_skip  # noqa: E402
+from tests.conftest import assert_close, cuda_or_skip, triton_device_or_skip  # noqa: E402
 
 # the module (cropformer.ops.ms_deform_attn, the attribute, is the function of the same name)
 msda = importlib.import_module("cropformer.ops.ms_deform_attn")
@@ -111,17 +111,6 @@ def check_parity(backend, case, dtype, device="cpu", seed=0):
 def cpu_kernel_or_skip():
     if not has_compiled_op("ms_deform_attn_forward"):
         pytest.skip("C++ kernel not built (build the extension or set CROPFORMER_JIT_OPS=ms_deform_attn)")
-
-
-def triton_device_or_skip(device):
-    if device == "cuda":
-        dev = cuda_or_skip()
-        if triton_interpret():
-            pytest.skip("TRITON_INTERPRET=1 would interpret the GPU kernels; rerun with TRITON_INTERPRET=0")
-        return dev
-    if not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 and triton")
-    return torch.device("cpu")
 
 
 def cuda_kernel_or_skip():
