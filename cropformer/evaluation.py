@@ -52,6 +52,9 @@ def evaluate_entities(gt: str | Path | dict, predictions: list[dict], use_faster
             from faster_coco_eval import COCOeval_faster as eval_cls  # noqa: F811
         except ImportError:
             pass
+    import logging
+
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs its summary table at INFO
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = coco_cls()
         coco_gt.dataset = gt

@@ -249,3 +249,27 @@ def test_faster_coco_eval_gives_identical_numbers():
     faster = evaluate_entities(gt, preds, use_faster=True)
     for name, value in stock.items():
         assert faster[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
+
+
+def test_eval_under_torchrun_shards_and_merges(trained):
+    """Two gloo ranks each segment half of the images; rank 0 merges and scores: same AP as one process."""
+    import subprocess
+    import sys
+
+    root, weights = trained
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--ckpt", str(weights), "--data", str(root / "val/annotations.json"), "--images", str(root / "val/images")]
+    single = root / "eval_single"
+    import eval as eval_cli
+
+    assert eval_cli.main([*common, "--out", str(single)]) == 0
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                          str(repo / "eval.py"), *common, "--out", str(root / "eval_ddp"), "--device", "cpu"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = json.loads((single / "metrics.json").read_text())
+    b = json.loads((root / "eval_ddp" / "metrics.json").read_text())
+    assert b["images"] == a["images"] == 3
+    assert b["metrics"]["AP"] == pytest.approx(a["metrics"]["AP"], abs=1e-9)
+    assert len(json.loads((root / "eval_ddp" / "predictions.json").read_text())) == len(json.loads((single / "predictions.json").read_text()))
