@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")
     if dist_utils.get_rank() != 0:
+        dist_utils.cleanup()
         return 0
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_entities(args.data, preds)
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
         (out / "predictions.json").write_text(json.dumps(preds))
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, **stats}, indent=1))
     print(f"wrote {out / 'metrics.json'}")
+    dist_utils.cleanup()
     return 0
 
 

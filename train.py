@@ -47,7 +47,11 @@ def main(argv=None) -> int:
 
         evaluate_fn = make_evaluator(cfg) if cfg.data.val_json else None
         summary = train(cfg, resume=args.resume, init_weights=args.init, device=args.device, evaluate_fn=evaluate_fn)
-    print(json.dumps(summary, indent=1, default=str))
+    from cropformer.distributed import cleanup, get_rank
+
+    if get_rank() == 0:
+        print(json.dumps(summary, indent=1, default=str))
+    cleanup()
     return 0
 
 
