@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")
     if dist_utils.get_rank() != 0:
-        dist_utils.cleanup()
+        dist_utils.cleanup()  # waits at the barrier until rank 0 has scored and written everything
         return 0
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_entities(args.data, preds)

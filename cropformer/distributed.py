@@ -57,5 +57,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Tear down the process group: a barrier first, so that no rank closes its connections while a
+    peer is still finishing the last collective (gloo reports that as a lost connection)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
