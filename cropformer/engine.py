@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -228,6 +229,8 @@ def train(
                       "time": time.perf_counter() - t_data}
             if dev.type == "cuda":
                 record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            else:  # process peak RSS (Linux reports KiB)
+                record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             for key in CURVE_KEYS:
