@@ -39,9 +39,13 @@ TUNINGS = {"default": {}, "split": dict(block_q=16, block_k=16, num_splits=3)}
 
 
 @pytest.fixture(autouse=True)
-def _ieee_fp32_products(monkeypatch):
-    """fp32 tolerances assume IEEE fp32 products; the kernel follows torch's TF32 switch, as matmul does."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _ieee_fp32_products():
+    """fp32 tolerances assume IEEE fp32 products; the kernel follows torch's TF32 switch, as matmul does.
+    (Saved and restored by hand: it is a property, which pytest's monkeypatch cannot always restore.)"""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_inputs(B, H, Q, K, D, density, dtype=torch.float64, device="cpu", seed=0):
