@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import load_model_weights, read_weights
 from .config import Config, load_config
-from .data.dataset import collate
+from .data.dataset import _ceil_to, collate
 from .data.decode import DecodedImage
 from .data.views import build_sample, plan_views
 from .modeling.build import build_model
@@ -126,12 +126,6 @@ class Segmenter:
             sample["crop_boxes"] = sample["crop_boxes"][1:]
         return sample
 
-    @staticmethod
-    def _padded_size(sample: dict, stride: int) -> tuple[int, int]:
-        h = max(int(s[0]) for s in sample["image_sizes"])
-        w = max(int(s[1]) for s in sample["image_sizes"])
-        return -(-h // stride) * stride, -(-w // stride) * stride
-
     @torch.no_grad()
     def segment_batch(self, images: list[np.ndarray | DecodedImage]) -> list[Entities]:
         """Segment several images (RGB uint8 arrays, or `decode_image` results, possibly decoded at
@@ -140,7 +134,8 @@ class Segmenter:
         stride = self.model.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(samples):
-            groups.setdefault(self._padded_size(s, stride), []).append(i)
+            h, w = (int(v) for v in s["image_sizes"].max(0).values)
+            groups.setdefault((_ceil_to(h, stride), _ceil_to(w, stride)), []).append(i)  # collate's padded size
         results: list[Entities | None] = [None] * len(images)
         for idx in groups.values():
             T = len(samples[idx[0]]["images"])
