@@ -6,73 +6,10 @@
 
 Prints the AP table and per-image time; writes <out>/metrics.json and <out>/predictions.json (COCO RLE).
 """
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
-from pathlib import Path
 
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="weights: ours (.safetensors / training .pth) or an official checkpoint")
-    p.add_argument("--cfg", help="config file or name (needed when the checkpoint stores none)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--data", required=True, help="COCO-style ground-truth JSON")
-    p.add_argument("--images", help="image folder (file_name in the JSON is relative to it)")
-    p.add_argument("--preds", help="evaluate this COCO RLE predictions file instead of running a model")
-    p.add_argument("--mode", choices=["full_crops", "full_batch", "full_image", "crops", "single"])
-    p.add_argument("--score-mode", choices=["mean_prob", "original"])
-    p.add_argument("--min-area", type=int)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--reduced-decode", action="store_true",
-                   help="decode big JPEGs at reduced resolution (faster; default is the full decode the released numbers need)")
-    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint or predictions)")
-    args = p.parse_args(argv)
-
-    from cropformer import distributed as dist_utils
-    from cropformer.evaluation import evaluate_entities, format_table, predict_dataset
-
-    if args.preds:
-        preds = json.loads(Path(args.preds).read_text())
-        out = Path(args.out or Path(args.preds).parent)
-        stats = {}
-    else:
-        if not args.ckpt or not args.images:
-            p.error("--ckpt and --images are needed unless --preds is given")
-        import torch
-
-        from cropformer.config import load_config
-        from cropformer.inference import Segmenter
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        rank, _, local_rank = dist_utils.init_distributed(device)
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-        cfg = load_config(args.cfg, args.set) if args.cfg else None
-        seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, device=device, mode=args.mode,
-                                        score_mode=args.score_mode, min_area=args.min_area)
-        preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=args.reduced_decode)
-        out = Path(args.out or Path(args.ckpt).parent / "eval")
-    if dist_utils.get_rank() != 0:
-        dist_utils.cleanup()  # waits at the barrier until rank 0 has scored and written everything
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_entities(args.data, preds)
-    print(format_table(metrics))
-    if stats:
-        print(f"{stats['images']} images, {stats['mean_s_per_image']:.3f} s/image"
-              + (f", peak GPU memory {stats['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in stats else "")
-              + (f", {len(stats['failed'])} unreadable (skipped)" if stats["failed"] else ""))
-        (out / "predictions.json").write_text(json.dumps(preds))
-    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, **stats}, indent=1))
-    print(f"wrote {out / 'metrics.json'}")
-    dist_utils.cleanup()
-    return 0
-
+from cropformer.cli import run
+from cropformer.cli.eval import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -5,12 +5,15 @@ of `csrc/`. It is optional: a failed or skipped build never fails the install, a
 its torch (or Triton) path. Switches (environment variables):
 
     CROPFORMER_BUILD_EXT=auto|0|1    build the extension: auto (default) = try, 0 = skip, 1 = must build
-    CROPFORMER_BUILD_CUDA=auto|0|1   include the CUDA sources: auto = when nvcc is found, 0 = CPU only,
+    CROPFORMER_BUILD_CUDA=auto|0|1   include the CUDA sources: auto = only when they can be used (nvcc
+                                     found and a GPU visible, or TORCH_CUDA_ARCH_LIST set), 0 = CPU only,
                                      1 = CUDA required (the build fails loudly without it)
-    TORCH_CUDA_ARCH_LIST="9.0"       CUDA architectures (default: the visible GPU, else 9.0)
+    TORCH_CUDA_ARCH_LIST="8.0;9.0"   CUDA architectures (default: the visible GPU, else DEFAULT_ARCHS)
     MAX_JOBS=N                       parallel compile jobs (ninja)
 
 Install: ``pip install --no-build-isolation -e .`` (torch must already be installed; see README).
+pyproject.toml declares the PEP 517/660 backend; with ``--no-build-isolation`` the build sees the torch
+you installed, which the extension must be compiled against.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -73,11 +75,21 @@ def _cuda_runtime_dirs(build_dir: Path) -> tuple[list[str], list[str]]:
     return [], []
 
 
+# Without a visible GPU (a build machine, CI): the common datacenter and desktop architectures, with PTX
+# for the newest so later GPUs can JIT it. CUDA 13 no longer targets anything older than Turing (7.5).
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def _say(message: str) -> None:
+    """One line on stderr; pip shows it with -v, and on failure."""
+    print(f"setup.py: {message}", file=sys.stderr)
+
+
 def _extensions():
     build_ext_flag = _flag("CROPFORMER_BUILD_EXT")
     cuda_flag = _flag("CROPFORMER_BUILD_CUDA")
     if build_ext_flag == "0":
-        print("setup.py: CROPFORMER_BUILD_EXT=0, skipping the compiled extension", file=sys.stderr)
+        _say("CROPFORMER_BUILD_EXT=0, skipping the compiled extension; ops run on their torch/Triton paths")
         return [], {}
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
@@ -88,7 +100,8 @@ def _extensions():
     except ImportError:
         if build_ext_flag == "1":
             raise SystemExit("setup.py: CROPFORMER_BUILD_EXT=1 but torch is not importable; install torch first")
-        warnings.warn("torch is not installed: skipping the compiled extension (pip install torch first)")
+        _say("torch is not importable here: skipping the compiled extension (install torch first, then "
+             "pip install --no-build-isolation ...); `cropformer info` shows what is missing")
         return [], {}
 
     cuda_home = _find_cuda_home()
@@ -97,7 +110,15 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = os.environ.get("CUDA_HOME", cpp_extension.CUDA_HOME)
-    use_cuda = bool(cu_sources) and cuda_flag != "0" and cuda_home is not None and torch.version.cuda is not None
+    can_cuda = bool(cu_sources) and cuda_home is not None and torch.version.cuda is not None
+    # auto: compile CUDA only where it can run (a visible GPU) or where the user names architectures;
+    # on a CPU-only machine with nvcc it would cost ~12 minutes on 2 cores for kernels that cannot run.
+    wanted = cuda_flag == "1" or (cuda_flag == "auto" and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+                                                           or torch.cuda.is_available()))
+    use_cuda = can_cuda and wanted
+    if cuda_flag == "auto" and can_cuda and not wanted:
+        _say("no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the C++ CPU kernels only "
+             "(CROPFORMER_BUILD_CUDA=1 compiles the CUDA kernels too)")
     if cuda_flag == "1" and not use_cuda:
         raise SystemExit(
             f"setup.py: CROPFORMER_BUILD_CUDA=1 but no CUDA build is possible "
@@ -112,9 +133,9 @@ def _extensions():
     extra_link = [*openmp]
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # torch compiles for the visible GPU; without one (CI, this machine) pick Hopper.
+            # torch compiles for the visible GPU; without one, the common architectures.
             if not torch.cuda.is_available():
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         inc, libs = _cuda_runtime_dirs(ROOT / "build")
         include_dirs += inc
         library_dirs += libs
@@ -151,16 +172,11 @@ def _extensions():
             except Exception as exc:  # compiler errors surface as several distutils/ninja types
                 if build_ext_flag == "1" or cuda_flag == "1":
                     raise
-                warnings.warn(
-                    f"cropformer._C failed to build ({exc}); installing without it, ops use torch/Triton paths. "
-                    "Set CROPFORMER_BUILD_EXT=1 to make this an error."
-                )
+                _say(f"cropformer._C failed to build ({exc}); installing without it, ops use torch/Triton paths. "
+                     "Set CROPFORMER_BUILD_EXT=1 to make this an error.")
 
-    print(
-        f"setup.py: building cropformer._C with {len(cpp_sources)} C++ and "
-        f"{len(cu_sources) if use_cuda else 0} CUDA sources (CUDA {'on' if use_cuda else 'off'})",
-        file=sys.stderr,
-    )
+    _say(f"building cropformer._C with {len(cpp_sources)} C++ and {len(cu_sources) if use_cuda else 0} CUDA sources "
+         f"(CUDA {'on, archs ' + os.environ.get('TORCH_CUDA_ARCH_LIST', '') if use_cuda else 'off'})")
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
@@ -173,7 +189,11 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cropformer", "cropformer.*", "kernels", "kernels.*"]),
+    # cropformer/kernels and cropformer/configs are links to the repo's kernels/ and configs/: the Triton
+    # kernels install as `cropformer.kernels` (nothing else at top level), the configs as package data.
+    packages=find_packages(include=["cropformer", "cropformer.*"]),
+    package_data={"cropformer": ["configs/*.json"]},
+    entry_points={"console_scripts": ["cropformer = cropformer.cli:main"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "numpy",

@@ -8,52 +8,10 @@
 Writes to `output_dir`: metrics.jsonl, loss_curve.png, last_checkpoint.pth (atomic), and at the end
 model_final.safetensors (+ .json config) and, with validation data, eval results.
 """
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
 
-from cropformer.config import ConfigError, load_config
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", default=None, help="config file or name in configs/ (default: tiny_demo with --demo)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=100")
-    p.add_argument("--resume", default=None, help="training checkpoint to continue from (exactly)")
-    p.add_argument("--init", default=None, help="initial weights: ours (.safetensors/.pth) or an official checkpoint")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--demo", action="store_true", help="generate the synthetic set if missing, train the tiny model, evaluate, draw")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.cfg or ("tiny_demo" if args.demo else "cropformer_swin_tiny_3x"), args.set)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if args.demo:
-        from cropformer.demo import run_demo
-
-        summary = run_demo(cfg, device=args.device or "cpu", resume=args.resume)
-    else:
-        from cropformer.engine import train
-        from cropformer.evaluation import make_evaluator
-
-        evaluate_fn = make_evaluator(cfg) if cfg.data.val_json else None
-        summary = train(cfg, resume=args.resume, init_weights=args.init, device=args.device, evaluate_fn=evaluate_fn)
-    from cropformer.distributed import cleanup, get_rank
-
-    if get_rank() == 0:
-        print(json.dumps(summary, indent=1, default=str))
-    cleanup()
-    return 0
-
+from cropformer.cli import run
+from cropformer.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

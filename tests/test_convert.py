@@ -36,10 +36,10 @@ from cropformer.checkpoint import (
     save_weights,
 )
 from cropformer.config import load_config
+from cropformer.cli.convert import main
 from cropformer.convert import (
     ORIGINAL_TO_OURS,
     convert_state_dict,
-    main,
     ours_to_original,
     rename_key,
 )

@@ -115,7 +115,7 @@ def masked_cross_attention_ref(q, k, v, mask_logits, query_chunk: int | None = N
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out B x H x Q x D, lse B x H x Q fp32, row_open B x Q int32)."""
-    from kernels.masked_attention import masked_attention_forward
+    from cropformer.kernels.masked_attention import masked_attention_forward
 
     return masked_attention_forward(q, k, v, mask_logits)
 
@@ -132,7 +132,7 @@ def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 mask_logits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, row_open: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous."""
-    from kernels.masked_attention import masked_attention_backward
+    from cropformer.kernels.masked_attention import masked_attention_backward
 
     return masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open)
 

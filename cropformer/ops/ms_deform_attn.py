@@ -145,7 +145,7 @@ def _fused_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_in
                sampling_locations: torch.Tensor, attention_weights: torch.Tensor, backend: str) -> torch.Tensor:
     """B x Q x (H * D) from the "cpu" / "cuda" compiled kernels or the "triton" kernels."""
     if backend == "triton":
-        from kernels.ms_deform_attn import ms_deform_attn_forward
+        from cropformer.kernels.ms_deform_attn import ms_deform_attn_forward
 
         _check_levels(spatial_shapes, level_start_index, value.shape[1])
         return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
@@ -166,7 +166,7 @@ def _fused_bwd(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: t
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_value, grad_sampling_locations, grad_attention_weights), each shaped like its input."""
     if backend == "triton":
-        from kernels.ms_deform_attn import ms_deform_attn_backward
+        from cropformer.kernels.ms_deform_attn import ms_deform_attn_backward
 
         return ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                                        attention_weights)

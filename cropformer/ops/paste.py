@@ -324,7 +324,7 @@ def _paste_fast(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, s
     args = (view_logits.detach().to(torch.float32).contiguous(), *plan, order, float(mask_threshold),
             SCORE_MODES.index(score_mode))
     if backend == "triton":
-        from kernels.paste import paste_entities_fwd
+        from cropformer.kernels.paste import paste_entities_fwd
 
         id_map, prob_sum, area, evaluated = paste_entities_fwd(*args)
     else:

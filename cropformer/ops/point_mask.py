@@ -229,7 +229,7 @@ def _cost_cpu(pred_logits, gt_masks, points, gt_valid):
 
 def _cost_triton(pred_logits, gt_masks, points, gt_valid):
     """Triton sampling of logits and compact masks + the same two matmuls (fp32)."""
-    from kernels.point_mask import sample_shared
+    from cropformer.kernels.point_mask import sample_shared
 
     pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
     with torch.no_grad():
@@ -364,7 +364,7 @@ def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=
     if choice == "cpu":
         return _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
     if choice == "triton":
-        from kernels.point_mask import point_mask_loss as triton_point_mask_loss
+        from cropformer.kernels.point_mask import point_mask_loss as triton_point_mask_loss
 
         _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
         m, dev = points.shape[0], pred_logits.device
@@ -391,7 +391,7 @@ def _sample_candidates(logits, index, candidates, backend):
     """M x S float32 logits at the candidate points (no gradient)."""
     choice = _choose("sample_uncertain_points", backend, logits.device, logits.dtype, "point_mask_sample_rows")
     if choice == "triton":
-        from kernels.point_mask import sample_rows
+        from cropformer.kernels.point_mask import sample_rows
 
         index = torch.arange(candidates.shape[0], device=logits.device) if index is None else index
         return sample_rows(logits, index, candidates)

@@ -83,7 +83,7 @@ def grads(fn, q, k, v, logits, grad_out):
 
 
 def _kernel(tuning):
-    from kernels.masked_attention import masked_attention
+    from cropformer.kernels.masked_attention import masked_attention
 
     return lambda q, k, v, m: masked_attention(q, k, v, m, **tuning)
 
@@ -410,7 +410,7 @@ _AOT_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.masked_attention as km
+import cropformer.kernels.masked_attention as km
 
 ptrs = {"row_open_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32"}
 ints = {"B", "H", "Q", "K", "D", "keys_per_split"}

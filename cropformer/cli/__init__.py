@@ -1,0 +1,113 @@
+"""The command-line layer, in one place: `cropformer train | eval | infer | convert | export | info`.
+
+Each subcommand is a module here with `build_parser()` and `main(argv) -> int`; `train.py`, `eval.py` and
+`infer.py` at the repository root and `python -m cropformer` are thin wrappers over the same functions,
+so every entry point takes the same options. Library modules hold no `main()`.
+
+Errors: a problem with the user's input (a path, a JSON file, an option, a checkpoint) is raised as
+:class:`UserError` (or one of the library's own input errors listed in `USER_ERRORS`) and printed as
+one line, `error: <file>: <problem>`, with exit status 2 and no traceback. `--debug` or
+`CROPFORMER_DEBUG=1` re-raises it with the traceback.
+"""
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+COMMANDS = {
+    "train": "train CropFormer or the Mask2Former baseline (torchrun for several GPUs)",
+    "eval": "AP^e of a checkpoint (or of a predictions file) on a COCO-style set",
+    "infer": "segment every entity of a folder of images (id maps, COCO RLE JSON, overlays)",
+    "convert": "convert an official / HuggingFace / ImageNet checkpoint to ours",
+    "export": "export the network as a torch.export program / AOTInductor package",
+    "info": "versions, compiled extension, and the backend `auto` picks for each op",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input, to be shown as one line (exit status 2), not a traceback.
+
+    The message names the file (or option) and the problem, and when useful what to do.
+    """
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug in our code (imported lazily: no torch at import)."""
+    from ..checkpoint import WeightsMismatch
+    from ..config import ConfigError
+
+    extra = []
+    for mod, name in (("cropformer.checkpoint", "CheckpointError"), ("cropformer.data.decode", "ImageDecodeError"),
+                      ("cropformer.evaluation", "EvaluationInputError")):
+        cls = getattr(importlib.import_module(mod), name, None)
+        if cls is not None:
+            extra.append(cls)
+    return (UserError, ConfigError, WeightsMismatch, *extra)
+
+
+def debug_requested(argv: Sequence[str] | None) -> bool:
+    return os.environ.get("CROPFORMER_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+
+
+def add_common_options(p) -> None:
+    """Options every subcommand takes."""
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CROPFORMER_DEBUG=1)")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError that names the file: 'no space left on device writing X' etc."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device writing{where}"
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def run(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call a subcommand's `main`, turning user errors into one line on stderr and exit status 2."""
+    try:
+        return main_fn(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug_requested(argv):
+            raise
+        if isinstance(exc, user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) or (
+                isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cropformer COMMAND [options]`: dispatch to `cropformer.cli.<command>.main`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+        print("usage: cropformer COMMAND [options]   (cropformer COMMAND --help for its options)\n\ncommands:\n"
+              + "\n".join(lines))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"cropformer.cli.{command}")
+    return run(module.main, rest)
