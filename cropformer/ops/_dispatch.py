@@ -157,3 +157,17 @@ def resolve(
             return name
     _log_once(op, "torch", f"no fast path available for device={device.type} dtype={dtype}")
     return "torch"
+
+
+# Registries each op module fills at import (ops/<op>.py), read by `resolve` and `cropformer info`.
+# PREFERENCES: op -> the `preference` list that op passes to `resolve` (fixed per op).
+# SELFTESTS: op -> fn(backend, device, dtype) that runs that backend on a small random problem against
+#   the float64 torch reference, forward and every gradient, and raises on a mismatch.
+PREFERENCES: dict[str, Sequence[tuple[str, Callable[[torch.device, torch.dtype], bool], str]]] = {}
+SELFTESTS: dict[str, Callable[[str, torch.device, torch.dtype], None]] = {}
+
+
+def register_op(op: str, preference, selftest: Callable[[str, torch.device, torch.dtype], None] | None = None) -> None:
+    PREFERENCES[op] = preference
+    if selftest is not None:
+        SELFTESTS[op] = selftest
