@@ -12,7 +12,12 @@ few CPU minutes.
 only a few pixels wide at full resolution and vanish when the image is shrunk to an 800 px short side:
 the case the corner crops exist for.
 
-    python -m cropformer.data.synthetic --out DIR --num-images N --size H W [--hi-res] [--seed S]
+The detail set (`make_detail_image`, `--detail SHORT_SIDE`) is built for the crop-ensemble experiment
+(scripts/hires_effect.py): its fine detail (gaps between look-alike twins, thin structures, small discs)
+is sized in mask cells of the views at a given test short side (`DetailSpec.for_views`), by default
+under one cell of the full view and at least one cell of a corner crop.
+
+    python -m cropformer.data.synthetic --out DIR --num-images N --size H W [--hi-res | --detail S] [--seed S]
 
 writes DIR/annotations.json and DIR/images/. Drawing is numpy/cv2 only: 50 images of 256 x 320 take
 about a second on one CPU core here.
@@ -23,13 +28,15 @@ import argparse
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["make_synthetic_image", "labels_to_rles", "make_synthetic_dataset", "main"]
+__all__ = ["make_synthetic_image", "make_detail_image", "DetailSpec", "DETAIL_KINDS", "view_cells", "labels_to_rles",
+           "make_synthetic_dataset", "main"]
 
 
 def _pick_colour(rng: np.random.Generator, used: list[np.ndarray]) -> np.ndarray:
@@ -116,13 +123,29 @@ def make_synthetic_image(
         cv2.circle(labels, (int(rng.uniform(0, w)), int(rng.uniform(0, h))), int(rng.integers(2, rmax + 1)),
                    nid, -1, cv2.LINE_8)
         nid += 1
-    # Drop entities painted over entirely; renumber 0..n-1 in painting order.
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=nid))
-    remap = np.zeros(nid, np.int32)
-    remap[present] = np.arange(present.size, dtype=np.int32)
-    labels = remap[labels]
-    n = present.size
+    labels, _ = _renumber(labels, nid)
+    return _paint(rng, labels), labels
 
+
+def _renumber(labels: np.ndarray, nid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop entities painted over entirely and renumber 0..n-1 in painting order.
+
+    Returns the int32 label map and the map from drawn id to new index (-1 where dropped)."""
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=nid))
+    remap = np.full(nid, -1, np.int32)
+    remap[present] = np.arange(present.size, dtype=np.int32)
+    return remap[labels], remap
+
+
+def _paint(rng: np.random.Generator, labels: np.ndarray, twin_of: np.ndarray | None = None) -> np.ndarray:
+    """H x W x 3 uint8 RGB of an entity partition: one colour and one texture per entity.
+
+    twin_of: optional n int array; entity i takes the appearance of entity twin_of[i] (itself by
+    default), so twins differ only by where they are.
+    """
+    h, w = labels.shape
+    side = min(h, w)
+    n = int(labels.max()) + 1
     used: list[np.ndarray] = []
     for _ in range(n):
         used.append(_pick_colour(rng, used))
@@ -132,6 +155,8 @@ def make_synthetic_image(
     kind = rng.integers(0, 3, size=n)
     amp = (rng.uniform(6, 16, size=n) * (kind > 0)).astype(np.float32)
     freq = (2 * math.pi / (rng.uniform(0.02, 0.06, size=n) * side)).astype(np.float32)
+    if twin_of is not None:
+        colours, kind, amp, freq = colours[twin_of], kind[twin_of], amp[twin_of], freq[twin_of]
     yy, xx = np.ogrid[0:h, 0:w]
     f = freq[labels]
     stripes = np.sin((xx + np.float32(0.5) * yy).astype(np.float32) * f)
@@ -140,7 +165,124 @@ def make_synthetic_image(
     offset = np.where((kind == 1)[labels], stripes, checker) * amp[labels]
     offset += np.clip(rng.standard_normal((h, w), dtype=np.float32) * 3.0, -9.0, 9.0)
     image = colours[labels] + np.rint(offset).astype(np.int16)[:, :, None]
-    return image.astype(np.uint8), labels
+    return image.astype(np.uint8)
+
+
+def view_cells(height: int, width: int, *, short_side: int, max_size: int = 1333,
+               crop_ratio: float = 0.7) -> tuple[float, float]:
+    """Size, in original pixels, of one mask-logit cell (stride 4 of the network input) of the full
+    view and of a corner crop at this test size: (full_cell, crop_cell). crop_cell ~ crop_ratio x full_cell."""
+    from ..ops.paste import STRIDE
+    from .views import plan_views
+
+    full, crop = plan_views(height, width, short_side=short_side, max_size=max_size, corners=(0,),
+                            ratio=crop_ratio).views
+    return STRIDE / min(full.scale), STRIDE / min(crop.scale)
+
+
+@dataclass(frozen=True)
+class DetailSpec:
+    """Sizes, in original pixels, of the fine detail of the detail set (`make_detail_image`).
+
+    gap_px: range of the gap between twin entities and of the width of thin structures.
+    blob_px: range of the diameter of small entities.
+    """
+
+    gap_px: tuple[float, float]
+    blob_px: tuple[float, float]
+
+    @classmethod
+    def for_views(cls, height: int, width: int, *, short_side: int, max_size: int = 1333,
+                  crop_ratio: float = 0.7, gap_cells: tuple[float, float] | None = None,
+                  blob_cells: tuple[float, float] = (1.0, 2.0)) -> DetailSpec:
+        """Detail sized in full-view mask cells at this test size. The default gap band,
+        [crop_ratio, 1) cells, is under one cell of the full view but at least one cell of a crop:
+        what the crops resolve and the full view does not."""
+        full_cell, _ = view_cells(height, width, short_side=short_side, max_size=max_size, crop_ratio=crop_ratio)
+        lo, hi = gap_cells if gap_cells is not None else (crop_ratio, 1.0)
+        return cls((lo * full_cell, hi * full_cell), (blob_cells[0] * full_cell, blob_cells[1] * full_cell))
+
+
+DETAIL_KINDS = ("stuff", "object", "twin", "thin", "small")
+
+
+def make_detail_image(
+    rng: np.random.Generator, height: int, width: int, spec: DetailSpec
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One image of the detail set: fine detail decides the masks (the crop-ensemble experiment).
+
+    Voronoi stuff, a few large objects, then the detail: twin pairs (a box or ellipse cut in two by a
+    straight gap of `spec.gap_px` showing what lies beneath; both halves share colour and texture, so
+    only the gap separates them), thin railings and wires `spec.gap_px` wide, and small discs of
+    diameter `spec.blob_px`.
+
+    Returns:
+        image: H x W x 3 uint8 RGB.
+        labels: H x W int32 entity index 0..n-1 (every pixel labelled, every index present).
+        kinds: n strings from DETAIL_KINDS.
+    """
+    h, w = int(height), int(width)
+    side = min(h, w)
+    labels = np.zeros((h, w), np.uint16)
+    kinds: list[str] = []
+    twins: list[tuple[int, int]] = []
+
+    def gap() -> float:
+        return float(rng.uniform(*spec.gap_px))
+
+    nid = _voronoi(labels, rng, int(rng.integers(3, 7)), 0)
+    kinds += ["stuff"] * nid
+    for _ in range(int(rng.integers(3, 7))):  # large objects: 15% to 35% of the short side
+        cv2.ellipse(labels, (int(rng.uniform(0, w)), int(rng.uniform(0, h))),
+                    tuple(int(v) for v in rng.uniform(0.075, 0.175, 2) * side), float(rng.uniform(0, 180)),
+                    0, 360, nid, -1)
+        kinds.append("object")
+        nid += 1
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(int(rng.integers(3, 7))):  # twin pairs: 12% to 25% of the short side
+        cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+        a, b = rng.uniform(0.12, 0.25, 2) * side
+        shape = np.zeros((h, w), np.uint8)
+        if rng.random() < 0.5:
+            box = cv2.boxPoints(((cx, cy), (a, b), float(rng.uniform(0, 180))))
+            cv2.fillPoly(shape, [np.round(box).astype(np.int32)], 1)
+        else:
+            cv2.ellipse(shape, (int(cx), int(cy)), (int(a / 2), int(b / 2)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        theta = rng.uniform(0, math.pi)
+        dist = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)  # signed distance to the cut
+        half = gap() / 2
+        labels[(shape > 0) & (dist < -half)] = nid
+        labels[(shape > 0) & (dist > half)] = nid + 1
+        kinds += ["twin", "twin"]
+        twins.append((nid, nid + 1))
+        nid += 2
+    for _ in range(int(rng.integers(1, 3))):  # railings: bars + rail, one entity
+        t = max(1, round(gap()))
+        x0 = rng.uniform(0, 0.6) * w
+        x1 = x0 + rng.uniform(0.2, 0.4) * w
+        y_top = rng.uniform(0.2, 0.7) * h
+        y_bot = min(h - 1, y_top + rng.uniform(0.1, 0.25) * h)
+        cv2.line(labels, (int(x0), int(y_top)), (int(x1), int(y_top)), nid, t, cv2.LINE_8)
+        for x in np.arange(x0, x1, max(4 * t, (x1 - x0) / rng.integers(4, 9))):
+            cv2.line(labels, (int(x), int(y_top)), (int(x), int(y_bot)), nid, t, cv2.LINE_8)
+        kinds.append("thin")
+        nid += 1
+    for _ in range(int(rng.integers(1, 3))):  # wires
+        cv2.polylines(labels, [_curve(rng, h, w)], False, nid, max(1, round(gap())), cv2.LINE_8)
+        kinds.append("thin")
+        nid += 1
+    for _ in range(int(rng.integers(6, 13))):  # small discs
+        r = rng.uniform(*spec.blob_px) / 2
+        cv2.circle(labels, (int(rng.uniform(0, w)), int(rng.uniform(0, h))), max(1, round(r)), nid, -1, cv2.LINE_8)
+        kinds.append("small")
+        nid += 1
+    labels, remap = _renumber(labels, nid)
+    twin_of = np.arange(int(labels.max()) + 1)
+    for i, j in twins:
+        if remap[i] >= 0 and remap[j] >= 0:
+            twin_of[remap[j]] = remap[i]
+    kinds = [k for k, r in zip(kinds, remap) if r >= 0]
+    return _paint(rng, labels, twin_of), labels, kinds
 
 
 def labels_to_rles(labels: np.ndarray) -> list[dict]:
@@ -176,28 +318,35 @@ def make_synthetic_dataset(
     hi_res: bool = False,
     seed: int = 0,
     image_format: str = "jpg",
+    detail: DetailSpec | None = None,
 ) -> Path:
     """Write `num_images` synthetic images and `annotations.json` under `out`; returns the JSON path.
 
     Args:
-        size: (H, W); default (256, 320), or (3000, 4000) with `hi_res`.
+        size: (H, W); default (256, 320), or (3000, 4000) with `hi_res` or `detail`.
         image_format: "jpg" (quality 95) or "png".
+        detail: draw the detail set (`make_detail_image`) with these sizes instead of the default set;
+            each annotation then has a "kind" (one of DETAIL_KINDS).
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    height, width = size if size is not None else ((3000, 4000) if hi_res else (256, 320))
+    height, width = size if size is not None else ((3000, 4000) if hi_res or detail else (256, 320))
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     for i in range(num_images):
-        image, labels = make_synthetic_image(rng, height, width, hi_res=hi_res)
+        if detail is None:
+            image, labels = make_synthetic_image(rng, height, width, hi_res=hi_res)
+            kinds = None
+        else:
+            image, labels, kinds = make_detail_image(rng, height, width, detail)
         name = f"{i:06d}.{image_format}"
         if not cv2.imwrite(str(out / "images" / name), image[:, :, ::-1], params):
             raise OSError(f"could not write {out / 'images' / name}")
         images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
-        for rle in labels_to_rles(labels):
+        for k, rle in enumerate(labels_to_rles(labels)):
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": i + 1,
@@ -206,11 +355,15 @@ def make_synthetic_dataset(
                 "segmentation": rle,
                 "area": float(mask_util.area(rle)),
                 "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                **({"kind": kinds[k]} if kinds else {}),
             })
     path = out / "annotations.json"
     tmp = path.with_suffix(".json.tmp")
+    info = {"description": f"synthetic entities, seed {seed}, hi_res {hi_res}"}
+    if detail is not None:
+        info = {"description": f"synthetic detail set, seed {seed}", "detail": asdict(detail)}
     tmp.write_text(json.dumps({
-        "info": {"description": f"synthetic entities, seed {seed}, hi_res {hi_res}"},
+        "info": info,
         "images": images,
         "annotations": annotations,
         "categories": [{"id": 1, "name": "entity"}],
@@ -224,13 +377,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output folder (annotations.json, images/)")
     ap.add_argument("--num-images", type=int, default=50)
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                    help="image size; default 256 320, or 3000 4000 with --hi-res")
+                    help="image size; default 256 320, or 3000 4000 with --hi-res or --detail")
     ap.add_argument("--hi-res", action="store_true", help="thin structures of 1-4 px at full resolution")
+    ap.add_argument("--detail", type=int, metavar="SHORT_SIDE", default=None,
+                    help="the detail set (twins, thin structures, small discs) sized for views at this test short side")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", choices=("jpg", "png"), default="jpg")
     args = ap.parse_args(argv)
-    path = make_synthetic_dataset(args.out, args.num_images, tuple(args.size) if args.size else None,
-                                  hi_res=args.hi_res, seed=args.seed, image_format=args.format)
+    size = tuple(args.size) if args.size else None
+    detail = None
+    if args.detail is not None:
+        detail = DetailSpec.for_views(*(size or (3000, 4000)), short_side=args.detail)
+    path = make_synthetic_dataset(args.out, args.num_images, size, hi_res=args.hi_res, seed=args.seed,
+                                  image_format=args.format, detail=detail)
     print(f"wrote {path}")
 
 
