@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cropformer.ops._dispatch import cuda_device_guard
+
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -305,8 +307,9 @@ def masked_attention_row_open(mask_logits: torch.Tensor) -> torch.Tensor:
     row_open = torch.zeros(B, Q, dtype=torch.int32, device=mask_logits.device)
     block_q, block_k = 32, 128
     grid = (triton.cdiv(K, block_k), triton.cdiv(Q, block_q), B)
-    _masked_attention_rows_kernel[grid](
-        mask_logits, row_open, Q, K, *mask_logits.stride(), BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4)
+    with cuda_device_guard(mask_logits.device):
+        _masked_attention_rows_kernel[grid](
+            mask_logits, row_open, Q, K, *mask_logits.stride(), BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4)
     return row_open
 
 
@@ -335,13 +338,14 @@ def masked_attention_forward(q, k, v, mask_logits, *, block_q=None, block_k=None
         o = torch.empty(num_splits, B, H, Q, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(num_splits, B, H, Q, dtype=torch.float32, device=q.device)
     grid = (H, q_blocks, num_splits * B)
-    _masked_attention_fwd_kernel[grid](
-        q, k, v, mask_logits, row_open, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(),
-        B, H, Q, K, D, keys_per_split, D ** -0.5 * LOG2E,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
-    )
+    with cuda_device_guard(q.device):
+        _masked_attention_fwd_kernel[grid](
+            q, k, v, mask_logits, row_open, o, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(),
+            B, H, Q, K, D, keys_per_split, D ** -0.5 * LOG2E,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+            UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
+        )
     if num_splits == 1:
         return o[0], lse[0], row_open
     out, lse = _combine_splits(o, lse, q.dtype)
@@ -361,25 +365,27 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
 
     dk = torch.empty(B, H, K, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, K, D, dtype=v.dtype, device=v.device)
-    _masked_attention_bwd_dkdv_kernel[(H, triton.cdiv(K, block_k), B)](
-        q, k, v, mask_logits, row_open, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
-        H, Q, K, D, qk_scale_log2, D ** -0.5,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
-        num_warps=4, num_stages=2,
-    )
+    with cuda_device_guard(q.device):
+        _masked_attention_bwd_dkdv_kernel[(H, triton.cdiv(K, block_k), B)](
+            q, k, v, mask_logits, row_open, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
+            H, Q, K, D, qk_scale_log2, D ** -0.5,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
+            num_warps=4, num_stages=2,
+        )
 
     q_blocks = triton.cdiv(Q, block_q)
     num_splits, keys_per_split = _splits(q.device, B * H * q_blocks, K, block_k, num_splits)
     dq_dtype = q.dtype if num_splits == 1 else torch.float32
     dq = torch.empty(num_splits, B, H, Q, D, dtype=dq_dtype, device=q.device)
-    _masked_attention_bwd_dq_kernel[(H, q_blocks, num_splits * B)](
-        q, k, v, mask_logits, row_open, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
-        B, H, Q, K, D, keys_per_split, qk_scale_log2, D ** -0.5,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
-        num_warps=4, num_stages=2,
-    )
+    with cuda_device_guard(q.device):
+        _masked_attention_bwd_dq_kernel[(H, q_blocks, num_splits * B)](
+            q, k, v, mask_logits, row_open, grad_out, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
+            B, H, Q, K, D, keys_per_split, qk_scale_log2, D ** -0.5,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
+            num_warps=4, num_stages=2,
+        )
     dq = dq[0] if num_splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv
 

@@ -5,7 +5,9 @@ spatial_shapes L x 2 (h, w), level_start_index L, sampling_locations B x Q x H x
 [0, 1] of each level (bilinear, zero padding, align_corners=False), attention_weights B x Q x H x L x P;
 output B x Q x (H * D). The bilinear arithmetic matches csrc/ms_deform_attn/ms_deform_attn.h: pixel
 coordinates x = loc_x * w - 0.5, corners at floor(x) and floor(x) + 1, a location with no corner inside
-samples zero and gets a zero gradient.
+samples zero and gets a zero gradient. A level whose integers do not lie inside value (negative start, an
+empty side, or start + h * w > S: the dispatch validates levels on the host only for CPU tensors or in debug
+mode) is skipped the same way, so bad levels never read out of bounds.
 
 Tiling: the output is B*Q*H rows r = (b * Q + q) * H + h of D channels; one program owns BLOCK_R
 consecutive rows (so the sampling_locations, attention_weights and output it touches are contiguous) and
@@ -23,6 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from cropformer.ops._dispatch import cuda_device_guard
 
 
 @triton.jit
@@ -71,9 +75,10 @@ def _ms_deform_attn_fwd_kernel(
         start = tl.load(starts_ptr + l)
         hf = hl.to(ACC)
         wf = wl.to(ACC)
+        level_ok = row_ok & (start >= 0) & (hl >= 1) & (wl >= 1) & (start + hl * wl <= S)
         base = ((b * S + start) * H + h) * D  # value[b, start, h, 0]
         for p in range(P):
-            a, fx, fy, x0, y0, inside = _footprint(loc_ptr, attn_ptr, rows, row_ok, l * P + p, LP, hf, wf, ACC)
+            a, fx, fy, x0, y0, inside = _footprint(loc_ptr, attn_ptr, rows, level_ok, l * P + p, LP, hf, wf, ACC)
             gx = 1.0 - fx
             gy = 1.0 - fy
             for c in tl.static_range(4):
@@ -111,10 +116,11 @@ def _ms_deform_attn_bwd_kernel(
         start = tl.load(starts_ptr + l)
         hf = hl.to(ACC)
         wf = wl.to(ACC)
+        level_ok = row_ok & (start >= 0) & (hl >= 1) & (wl >= 1) & (start + hl * wl <= S)
         base = ((b * S + start) * H + h) * D
         for p in range(P):
             k = l * P + p
-            a, fx, fy, x0, y0, inside = _footprint(loc_ptr, attn_ptr, rows, row_ok, k, LP, hf, wf, ACC)
+            a, fx, fy, x0, y0, inside = _footprint(loc_ptr, attn_ptr, rows, level_ok, k, LP, hf, wf, ACC)
             gx = 1.0 - fx
             gy = 1.0 - fy
             grad_a = tl.zeros((BLOCK_R,), dtype=ACC)
@@ -162,11 +168,12 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
         return out
     block_r, block_d, num_warps = _launch_config(D)
     grid = (triton.cdiv(n_rows, block_r),)
-    _ms_deform_attn_fwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-        n_rows, Q * H, S, H, D, L, P,
-        BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_dtype(value.dtype), num_warps=num_warps,
-    )
+    with cuda_device_guard(value.device):
+        _ms_deform_attn_fwd_kernel[grid](
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+            n_rows, Q * H, S, H, D, L, P,
+            BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_dtype(value.dtype), num_warps=num_warps,
+        )
     return out
 
 
@@ -184,12 +191,13 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
     if n_rows > 0:
         block_r, block_d, num_warps = _launch_config(D)
         grid = (triton.cdiv(n_rows, block_r),)
-        _ms_deform_attn_bwd_kernel[grid](
-            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            grad_value, grad_loc, grad_attn,
-            n_rows, Q * H, S, H, D, L, P,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_dtype(value.dtype), num_warps=num_warps,
-        )
+        with cuda_device_guard(value.device):
+            _ms_deform_attn_bwd_kernel[grid](
+                grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                grad_value, grad_loc, grad_attn,
+                n_rows, Q * H, S, H, D, L, P,
+                BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_dtype(value.dtype), num_warps=num_warps,
+            )
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 

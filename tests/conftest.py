@@ -1,6 +1,7 @@
 """Shared test helpers: reference-data location, device skips, verbose comparisons."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -80,3 +81,27 @@ def triton_device_or_skip(device: str) -> torch.device:
     if not triton_usable(torch.device("cpu")):
         pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 and triton")
     return torch.device("cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _selftest_cache(tmp_path_factory):
+    """`auto`'s self-test verdicts (cropformer.ops._dispatch.verify) go to a temporary folder, never the
+    user's ~/.cache; within the session each runs once (the process remembers it)."""
+    os.environ["CROPFORMER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cropformer-cache"))
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Inside, torch.empty / at::empty results are NaN-filled (deterministic mode's fill_uninitialized_memory),
+    so a kernel that leaves an output element unwritten fails the comparison instead of passing by luck."""
+    import torch.utils.deterministic
+
+    mode, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: nondeterministic ops still run
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill

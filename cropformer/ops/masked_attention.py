@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._dispatch import resolve, triton_usable
+from ._dispatch import check_selftest, register_op, resolve, triton_usable
 
 # Target size of one query chunk's B x H x chunk x K scores in the reference.
 _REF_CHUNK_BYTES = 64 * 2**20
@@ -167,6 +167,21 @@ def _sdpa_broadcast_mask(q, k, v, mask_logits):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
+_PREFERENCE = (
+    ("cpu", lambda device, dtype: device.type == "cpu", "SDPA with the mask broadcast over heads"),
+    ("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits"),
+)
+
+
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve("masked_cross_attention", backend, device, dtype, _PREFERENCE)
+
+
+# A property of the process, not of the traced values: torch.compile bakes the answer in (see the same
+# line in ops/ms_deform_attn.py).
+_choose_backend._dynamo_marked_constant = True
+
+
 def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     """Masked cross-attention; see `masked_cross_attention_ref` for shapes and semantics.
 
@@ -178,11 +193,7 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
         B x H x Q x D in q's dtype; gradients for q, k, v, none for mask_logits.
     """
     _check_inputs(q, k, v, mask_logits)
-    preference = [
-        ("cpu", lambda device, dtype: device.type == "cpu", "SDPA with the mask broadcast over heads"),
-        ("triton", _triton_ok, "Triton flash kernel, mask decided in-kernel from the logits"),
-    ]
-    choice = resolve("masked_cross_attention", backend, q.device, q.dtype, preference)
+    choice = _choose_backend(backend, q.device, q.dtype)
     if choice == "triton":
         if q.shape[2] == 0:
             return q.new_empty(q.shape)
@@ -190,3 +201,33 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     if choice == "cpu":
         return _sdpa_broadcast_mask(q, k, v, mask_logits)
     return masked_cross_attention_ref(q, k, v, mask_logits)
+
+
+# Self-test tolerance per dtype, relative to max(1, max |expected|) (see `_selftest`).
+_SELFTEST_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _selftest(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """`backend` against the float64 reference on a small random problem, output and dq, dk, dv (see
+    `cropformer.ops._dispatch.register_op`). D = 32 as in the decoders; K = 37 spans several key blocks
+    of the Triton kernel; a third of the keys open, one row fully blocked and one fully open."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Q, K, D = 2, 2, 19, 37, 32
+    q, k, v, grad_out = [torch.randn(shape, generator=g, dtype=torch.float64)
+                         for shape in ((B, H, Q, D), (B, H, K, D), (B, H, K, D), (B, H, Q, D))]
+    logits = torch.rand(B, Q, K, generator=g, dtype=torch.float64) * 3 - 2
+    logits[:, 0] = -1.0
+    logits[:, 1] = 1.0
+    inputs = [t.to(dtype).double() for t in (q, k, v, logits, grad_out)]
+
+    def run(fn, dev, dt):
+        q, k, v = [t.to(dev, dt).requires_grad_() for t in inputs[:3]]
+        out = fn(q, k, v, inputs[3].to(dev, dt))
+        return [out, *torch.autograd.grad(out, (q, k, v), inputs[4].to(dev, dt))]
+
+    got = run(lambda *a: masked_cross_attention(*a, backend=backend), device, dtype)
+    expected = run(masked_cross_attention_ref, "cpu", torch.float64)
+    check_selftest("masked_cross_attention", ("out", "dq", "dk", "dv"), got, expected, _SELFTEST_TOL[dtype])
+
+
+register_op("masked_cross_attention", _PREFERENCE, _selftest)

@@ -16,17 +16,22 @@ when built; otherwise the reference, and `_dispatch.resolve` logs once which one
 The fast paths run through the custom ops ``torch.ops.cropformer.ms_deform_attn_fwd`` / ``_bwd`` (with
 fake implementations and autograd), so `torch.compile` traces them as single nodes.
 
-Every backend validates its inputs: wrong ranks or sizes, mismatched dtypes or devices, non-contiguous
-tensors, and spatial_shapes / level_start_index that do not describe value's S raise an error (ValueError
-here, RuntimeError from the compiled entry points) instead of reading out of bounds. The compiled CUDA
-entry copies the L x 3 level integers to the host for that check.
+Every backend validates its inputs: wrong ranks or sizes, mismatched dtypes or devices and non-contiguous
+tensors raise an error (ValueError here, RuntimeError from the compiled entry points). spatial_shapes /
+level_start_index that do not describe value's S raise one too where that costs no device sync: for CPU
+tensors and on the torch path (which reads the level sizes anyway). On the CUDA and Triton paths the check
+would copy the L x 3 integers to the host on every call, a sync that also rules out CUDA-graph capture;
+there it runs only with CROPFORMER_DEBUG=1, and otherwise the kernels skip any level that does not lie
+inside value (it contributes zero, with zero gradients), so bad levels never read out of bounds.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import has_compiled_op, has_cuda_kernels, resolve, triton_usable
+from ._dispatch import check_selftest, has_compiled_op, has_cuda_kernels, register_op, resolve, triton_usable
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -121,7 +126,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
 def _check_levels(spatial_shapes, level_start_index, S: int) -> None:
     """spatial_shapes (h, w >= 1) must sum to S and level_start_index be its exclusive prefix sum.
 
-    Reads the L x 3 integers (a device sync for CUDA tensors).
+    Reads the L x 3 integers (a device sync for CUDA tensors: see `_levels_checked`).
     """
     total = 0
     for lvl, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
@@ -144,10 +149,11 @@ def _check_levels(spatial_shapes, level_start_index, S: int) -> None:
 def _fused_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                sampling_locations: torch.Tensor, attention_weights: torch.Tensor, backend: str) -> torch.Tensor:
     """B x Q x (H * D) from the "cpu" / "cuda" compiled kernels or the "triton" kernels."""
+    if backend != "cpu" and _levels_checked(value.device):  # the C++ CPU entry checks them itself
+        _check_levels(spatial_shapes, level_start_index, value.shape[1])
     if backend == "triton":
         from cropformer.kernels.ms_deform_attn import ms_deform_attn_forward
 
-        _check_levels(spatial_shapes, level_start_index, value.shape[1])
         return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
                                       attention_weights)
     return torch.ops.cropformer_C.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
@@ -225,6 +231,12 @@ def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return resolve("ms_deform_attn", backend, device, dtype, _PREFERENCE)
 
 
+def _levels_checked(device: torch.device) -> bool:
+    """Validate the level integers on the host: always for CPU tensors (no sync), for CUDA tensors only
+    in debug mode (CROPFORMER_DEBUG=1), so the CUDA and Triton paths stay sync-free and capturable."""
+    return device.type != "cuda" or os.environ.get("CROPFORMER_DEBUG", "") not in ("", "0")
+
+
 # Availability is a property of the process, not of the traced values: torch.compile calls this once while
 # tracing and bakes the answer in (instead of tracing the logging and caching inside `resolve`). This is
 # what `torch.compiler.assume_constant_result` does; set by hand because calling that imports
@@ -245,6 +257,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         B x Q x (H * D) in value's dtype, differentiable w.r.t. value, sampling_locations and
         attention_weights. A location whose four neighbours are all outside its level samples zero and
         gets a zero gradient; at exact pixel centres the location gradient is grid_sample's one-sided one.
+        Level integers that do not describe value are an error, except on the CUDA / Triton paths
+        outside debug mode (see the module docstring).
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     choice = _choose_backend(backend, value.device, value.dtype)
@@ -252,3 +266,37 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         _check_levels(spatial_shapes, level_start_index, value.shape[1])
         return ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _fused_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, choice)
+
+
+# Self-test tolerance per dtype, relative to max(1, max |expected|): what a correct kernel with fp32 (fp64)
+# accumulation stays well inside on the problem below; a wrong index or weight is off by O(1).
+_SELFTEST_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _selftest(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """`backend` against the float64 reference on a small random problem, forward and all three
+    gradients (see `cropformer.ops._dispatch.register_op`). Odd level sizes and a 1 x 1 level; D = 32 as
+    in the pixel decoder, so the kernels it checks are the ones the model runs."""
+    g = torch.Generator().manual_seed(0)
+    spatial_shapes = torch.tensor([[5, 7], [3, 2], [1, 1]])
+    sizes = spatial_shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    B, S, H, D, Q, L, P = 2, int(sizes.sum()), 2, 32, 7, 3, 2
+    inputs = [torch.randn(B, S, H, D, generator=g, dtype=torch.float64),
+              torch.rand(B, Q, H, L, P, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1,  # some outside
+              torch.rand(B, Q, H, L, P, generator=g, dtype=torch.float64),
+              torch.randn(B, Q, H * D, generator=g, dtype=torch.float64)]
+
+    def run(fn, dev, dt):
+        value, loc, attn = [t.to(dev, dt).requires_grad_() for t in inputs[:3]]
+        out = fn(value, spatial_shapes.to(dev), starts.to(dev), loc, attn)
+        return [out, *torch.autograd.grad(out, (value, loc, attn), inputs[3].to(dev, dt))]
+
+    got = run(lambda *a: ms_deform_attn(*a, backend=backend), device, dtype)
+    inputs = [t.to(dtype).double() for t in inputs]  # the reference sees the same rounded numbers
+    expected = run(ms_deform_attn_ref, "cpu", torch.float64)
+    check_selftest("ms_deform_attn", ("out", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
+                   got, expected, _SELFTEST_TOL[dtype])
+
+
+register_op("ms_deform_attn", _PREFERENCE, _selftest)

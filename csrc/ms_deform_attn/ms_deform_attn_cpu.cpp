@@ -92,10 +92,12 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   // Pixel offsets inside a level are int in the kernels.
   TORCH_CHECK(s.S <= INT_MAX, "ms_deform_attn: S = ", s.S, " is too large (max ", INT_MAX, ")");
 
-  const at::Tensor shapes = spatial_shapes.to(at::kCPU);
-  const at::Tensor starts = level_start_index.to(at::kCPU);
-  const int64_t* sh = shapes.data_ptr<int64_t>();
-  const int64_t* st = starts.data_ptr<int64_t>();
+  // The level integers of CUDA tensors are not read here: copying them to the host would be a sync on
+  // every call (and rule out CUDA-graph capture). The CUDA kernels skip a level that does not lie inside
+  // value instead, and the Python dispatch checks them in debug mode.
+  if (device_type != c10::DeviceType::CPU) return s;
+  const int64_t* sh = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* st = level_start_index.data_ptr<int64_t>();
   int64_t total = 0;
   for (int64_t l = 0; l < s.L; ++l) {
     TORCH_CHECK(sh[2 * l] >= 1 && sh[2 * l + 1] >= 1, "ms_deform_attn: spatial_shapes[", l, "] = (", sh[2 * l], ", ",

@@ -38,6 +38,12 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Level l lies inside value: start >= 0, h, w >= 1 and start + h * w <= S (sides bounded by S first, so
+// the product cannot overflow).
+__device__ __forceinline__ bool level_inside(int64_t start, int64_t h, int64_t w, int64_t S) {
+  return start >= 0 && h >= 1 && w >= 1 && h <= S && w <= S && start + h * w <= S;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
@@ -57,6 +63,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool active = d < n.D;
     acc_t acc = acc_t(0);
     for (int64_t l = 0; l < n.L; ++l) {
+      if (!level_inside(starts[l], shapes[2 * l], shapes[2 * l + 1], n.S)) continue;
       const int hl = static_cast<int>(shapes[2 * l]);
       const int wl = static_cast<int>(shapes[2 * l + 1]);
       // value[b, starts[l] + i, h, d] is at v_level[i * HD]
@@ -98,14 +105,15 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* attn_r = attn + r * LP;
   const scalar_t* go_r = grad_out + r * n.D;
   for (int64_t l = 0; l < n.L; ++l) {
+    const bool inside = level_inside(starts[l], shapes[2 * l], shapes[2 * l + 1], n.S);
     const int hl = static_cast<int>(shapes[2 * l]);
     const int wl = static_cast<int>(shapes[2 * l + 1]);
     const int64_t level_base = ((b * n.S + starts[l]) * n.H + h) * n.D;
     for (int64_t p = 0; p < n.P; ++p) {
       const int64_t k = l * n.P + p;
       Footprint<acc_t> f;
-      if (!bilinear_footprint<acc_t>(static_cast<acc_t>(loc_r[2 * k]), static_cast<acc_t>(loc_r[2 * k + 1]), hl, wl,
-                                     f)) {
+      if (!inside || !bilinear_footprint<acc_t>(static_cast<acc_t>(loc_r[2 * k]),
+                                                static_cast<acc_t>(loc_r[2 * k + 1]), hl, wl, f)) {
         if (lane == 0) {
           grad_attn[r * LP + k] = scalar_t(0);
           grad_loc[(r * LP + k) * 2] = scalar_t(0);
