@@ -16,9 +16,21 @@ Mask2Former `.safetensors` / `.bin`. Torch files are read with `weights_only=Tru
 other global, so a malicious file fails before anything runs. Key names are converted through
 `cropformer.convert`, and `check_fit` refuses weights that do not fit a model, naming the first
 mismatching keys (`load_model_weights`).
+
+Integrity: our files carry a SHA-256 of their content (`content_digest`: every tensor's bytes, dtype
+and shape, and every other value, so a changed config or key name counts too), under
+"content_sha256" in a `.pth` payload or the `.safetensors` metadata, checked on every load. Official
+torch.save (zip) files are checked against the CRC-32 the zip stores for each member. Other files have
+no checksum to check: for safetensors we check that the header and the file size agree, for pickles
+(detectron2 `.pkl`, the legacy torch.save format) that they unpickle to the end; flipped bytes inside
+their arrays cannot be detected, and loading them logs a note saying so. A file that fails any check
+raises `CheckpointError` naming the file and the problem.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
 import io
 import json
 import logging
@@ -29,6 +41,7 @@ import random
 import re
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +55,27 @@ from .convert import OUR_COMPONENTS, ConversionReport, convert_state_dict, first
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path: str | Path, write_fn) -> None:
-    """Call `write_fn(tmp_path)`, fsync, then rename over `path` (same filesystem, so atomic)."""
+CHECKSUM_KEY = "content_sha256"  # in a .pth payload and in .safetensors metadata
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used: missing, empty, truncated, corrupt (its
+    checksum does not match), of an unknown format, or not the kind asked for. The message names the
+    file and the problem."""
+
+
+def atomic_write(path: str | Path, write_fn, what: str = "file") -> None:
+    """Call `write_fn(tmp_path)`, fsync, then rename over `path` (same filesystem, so atomic: a crash
+    leaves the previous file intact).
+
+    Temporary files of earlier writes of `path` that were killed are removed first (one writer per
+    file). A full disk raises OSError(ENOSPC) saying that the previous `what` is intact; the temporary
+    file never outlives a failure.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -56,9 +86,142 @@ def atomic_write(path: str | Path, write_fn) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except Exception as exc:
+        if _out_of_space(exc, path.parent):  # checked while the temporary file still holds its space
+            kept = f"previous {what} {path} is intact" if path.exists() else f"no {what} was written"
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path}; {kept}") from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Did a write fail for lack of space? An ENOSPC/EDQUOT anywhere in the exception chain, or (torch's
+    and safetensors' writers report it in their own words, e.g. "unexpected pos") a full filesystem."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Content checksums
+
+
+def _structure(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """`obj` as JSON-able data in a canonical order, each tensor replaced by its dtype and shape and
+    appended to `tensors` (whose bytes are hashed separately)."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return {"tensor": [str(obj.dtype), list(obj.shape)]}
+    if isinstance(obj, dict):  # sorted: safetensors does not keep the order tensors were given in
+        keys = sorted(obj, key=lambda k: (type(k).__name__, str(k)))
+        return {"dict": [[_structure(k, tensors), _structure(obj[k], tensors)] for k in keys]}
+    if isinstance(obj, (list, tuple)):  # one kind: a tuple may come back from a file as a list
+        return {"list": [_structure(v, tensors) for v in obj]}
+    if isinstance(obj, float):
+        return {"float": repr(obj)}  # exact, and JSON has no nan/inf
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint payload")
+
+
+def _tensor_sha256(t: torch.Tensor) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).digest()
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 (hex) of a payload of nested dicts, lists, tensors (dtype, shape and bytes), strings,
+    numbers and None, independent of dict order. Tensors are hashed on a few threads (hashlib releases
+    the GIL) and their digests enter the final hash in a fixed order."""
+    tensors: list[torch.Tensor] = []
+    text = json.dumps(_structure(obj, tensors), separators=(",", ":"))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_tensor_sha256, tensors))
+    h = hashlib.sha256(text.encode())
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def _with_checksum(payload: dict) -> dict:
+    return {**payload, CHECKSUM_KEY: content_digest(payload)}
+
+
+def _verify(path: Path, content: Any, stored: Any) -> None:
+    found = content_digest(content)
+    if stored != found:
+        raise CheckpointError(f"{path}: corrupt: its content does not match the SHA-256 stored in it "
+                              f"({str(stored)[:12]}... stored, {found[:12]}... found); the file was damaged "
+                              "after it was written, use another copy")
+
+
+def _note_unverified(path: Path, why: str) -> None:
+    logger.warning("note: %s carries no checksum (%s): its structure was checked, flipped bytes in its "
+                   "data would go unnoticed", path, why)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _check_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    return path
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with a zip file: None when its structure and every member's CRC-32 check out."""
+    if not zipfile.is_zipfile(path):
+        return "truncated: the zip archive has no end record (the write or the copy was cut short)"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if all(i.CRC == 0 for i in zf.infolist() if i.file_size):  # torch.save with CRCs switched off
+                _note_unverified(path, "written without CRC-32s")
+                return None
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"corrupt zip archive ({_one_line(exc)})"
+    return f"corrupt: zip member {bad} fails its CRC-32 check; the file was damaged, use another copy" if bad else None
+
+
+def _load_torch(path: Path) -> Any:
+    """A torch.save file (zip or legacy format) read weights-only, its checksum verified: ours the
+    SHA-256 under CHECKSUM_KEY (removed from the result), other zip files the members' CRC-32."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's errors come in many types; name the file and say what is wrong
+        problem = _zip_problem(path) if _starts_with(path, b"PK\x03\x04") else None
+        raise CheckpointError(f"{path}: {problem or f'not a loadable weights-only checkpoint ({_one_line(exc)})'}") from None
+    if isinstance(obj, dict) and CHECKSUM_KEY in obj:
+        stored = obj.pop(CHECKSUM_KEY)
+        _verify(path, obj, stored)
+    elif zipfile.is_zipfile(path):
+        problem = _zip_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+    else:
+        _note_unverified(path, "the legacy torch.save format has none")
+    return obj
 
 
 def rng_state() -> dict:
@@ -86,18 +249,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomically save a training checkpoint (a dict of tensors, numbers, strings and containers)."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """Atomically save a training checkpoint (a dict of tensors, numbers, strings and containers) with
+    the checksum of its content."""
+    payload = _with_checksum(payload)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), what="checkpoint")
+
+
+_TRAINING_KEYS = ("model", "optimizer", "scheduler", "iteration", "rng")
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types; name the file and refuse
-        raise RuntimeError(f"{path}: not a loadable weights-only checkpoint ({exc})") from None
+    """A training checkpoint (`save_training_checkpoint`), read weights-only and verified; raises
+    CheckpointError for a damaged file or one that is not a training checkpoint."""
+    path = _check_file(path)
+    obj = None if path.suffix == ".safetensors" else _load_torch(path)
+    if not isinstance(obj, dict) or any(k not in obj for k in _TRAINING_KEYS):
+        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state and iteration); resume from "
+                              "a last_checkpoint.pth, and start from weights with --init")
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,18 +342,23 @@ def load_pickled(path: str | Path) -> Any:
 
     torch.save files (zip, or the legacy format) go through `torch.load(weights_only=True)`; any other
     pickle (detectron2 `.pkl`, numpy or torch objects pickled by `pickle.dump`, Python 2 pickles
-    included) through `SafeUnpickler`. Raises RuntimeError naming the file when either refuses.
+    included) through `SafeUnpickler`. Raises CheckpointError naming the file when either refuses or
+    the file is damaged (see the module docstring for what can be checked).
     """
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        return load_training_checkpoint(path)
+    path = _check_file(path)
+    if _starts_with(path, b"PK\x03\x04"):  # a zip: torch.save's format (or a truncated copy of one)
+        return _load_torch(path)
     try:
         with open(path, "rb") as f:
             obj = SafeUnpickler(f, encoding="latin1").load()
     except Exception as exc:  # pickle errors come in many types; name the file and refuse
-        raise RuntimeError(f"{path}: not a loadable weights pickle ({exc})") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise CheckpointError(f"{path}: not a loadable weights pickle (nor a torch.save zip), or truncated: "
+                              f"{_one_line(exc)}; the file starts with {head!r}") from None
     if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
-        return load_training_checkpoint(path)
+        return _load_torch(path)
+    _note_unverified(path, "pickle files have none")
     return obj
 
 
@@ -208,20 +382,20 @@ def _as_tensor(key: str, value, path: Path) -> torch.Tensor:
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
         value = np.ascontiguousarray(value)
         return torch.from_numpy(value if value.flags.writeable else value.copy())  # protocol 5 gives read-only views
-    raise RuntimeError(f"{path}: entry {key!r} is not a numeric tensor or array ({type(value).__name__})")
+    raise CheckpointError(f"{path}: entry {key!r} is not a numeric tensor or array ({type(value).__name__})")
 
 
 def _find_state(obj: Any, path: Path) -> dict[str, Any]:
     """The state dict inside a loaded checkpoint: under "model" (detectron2, official Swin/HorNet, ours),
     "state_dict", or "blobs" (Caffe2), else the top level."""
     if not isinstance(obj, dict):
-        raise RuntimeError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of weights, found a {type(obj).__name__}")
     for key in ("model", "state_dict", "blobs"):
         if isinstance(obj.get(key), dict):
             return obj[key]
     if obj and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values()):
         return obj
-    raise RuntimeError(f"{path}: no state dict found (top-level keys: {first_keys([str(k) for k in obj], 10)})")
+    raise CheckpointError(f"{path}: no state dict found (top-level keys: {first_keys([str(k) for k in obj], 10)})")
 
 
 def read_checkpoint(path: str | Path) -> LoadedWeights:
@@ -229,18 +403,13 @@ def read_checkpoint(path: str | Path) -> LoadedWeights:
 
     Accepts our `.safetensors` exports and `.pth` files (weights or training checkpoints), the original
     implementation's checkpoints, ImageNet backbone weights and HF Mask2Former weights (see
-    `cropformer.convert`). Raises RuntimeError for unrecognised keys or a file it will not unpickle.
+    `cropformer.convert`). Raises CheckpointError for a damaged file, unrecognised keys or a file it
+    will not unpickle.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+    path = _check_file(path)
     cfg = None
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw, meta = _read_safetensors(path)
         if "config" in meta:
             cfg = from_dict(json.loads(meta["config"]), f"{path} (metadata)")
     else:
@@ -251,10 +420,44 @@ def read_checkpoint(path: str | Path) -> LoadedWeights:
     try:
         state, report = convert_state_dict(raw)
     except ValueError as exc:
-        raise RuntimeError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path}: {exc}") from None
     if report.unrecognised:
-        raise RuntimeError(f"{path}: keys the {report.format} rename table does not know: {first_keys(report.unrecognised)}")
+        raise CheckpointError(f"{path}: keys the {report.format} rename table does not know: {first_keys(report.unrecognised)}")
     return LoadedWeights(state, cfg, report)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a `.safetensors` file, its size checked against its header and its
+    checksum verified (files without one load with a note)."""
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + n > size:
+            raise CheckpointError(f"{path}: truncated, or not a safetensors file (it announces a {n}-byte header; "
+                                  f"the file has {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {_one_line(exc)})") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: {'truncated' if size < 8 + n + end else 'corrupt'}: the file has {size} "
+                              f"bytes, its header describes {8 + n + end}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError and friends: name the file
+        raise CheckpointError(f"{path}: corrupt safetensors file ({_one_line(exc)})") from None
+    stored = meta.pop(CHECKSUM_KEY, None)
+    if stored is not None:
+        _verify(path, {"metadata": meta, "tensors": raw}, stored)
+    else:
+        _note_unverified(path, "written before CropFormer added checksums" if meta.get("format") == "cropformer"
+                         else "not written by CropFormer")
+    return raw, meta
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | None]:
@@ -276,8 +479,9 @@ def is_original_state_dict(state: dict) -> bool:
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config | None = None,
                  metadata: dict[str, str] | None = None) -> None:
-    """Write weights in our names atomically: `.safetensors` (config in the metadata and, when given,
-    beside it as `<name>.json`) or a weights-only `.pth` ({"model": state[, "config": dict]})."""
+    """Write weights in our names atomically, with the checksum of their content: `.safetensors` (config
+    in the metadata and, when given, beside it as `<name>.json`) or a weights-only `.pth`
+    ({"model": state[, "config": dict], "content_sha256": hex})."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -293,14 +497,17 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config |
         meta = {"format": "cropformer", **(metadata or {})}
         if cfg is not None:
             meta["config"] = json.dumps(to_dict(cfg))
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        meta[CHECKSUM_KEY] = content_digest({"metadata": meta, "tensors": tensors})
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), what="weights")
         if cfg is not None:
-            atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)))
+            atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)),
+                         what="config")
     elif path.suffix == ".pth":
         payload: dict[str, Any] = {"model": tensors}
         if cfg is not None:
             payload["config"] = to_dict(cfg)
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        payload = _with_checksum(payload)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp), what="weights")
     else:
         raise ValueError(f"{path}: weights are written as .safetensors or .pth")
 

@@ -75,13 +75,14 @@ def slow_save(obj, f):
         print("WRITING", flush=True)
         time.sleep(60)
 checkpoint.torch.save = slow_save
-checkpoint.save_training_checkpoint(sys.argv[1], {"iteration": 2, "model": {"w": torch.zeros(3)}})
+checkpoint.save_training_checkpoint(sys.argv[1], {"iteration": 2, "model": {"w": torch.zeros(3)}, "optimizer": {},
+                                                  "scheduler": {}, "rng": []})
 """
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     path = tmp_path / "last_checkpoint.pth"
-    save_training_checkpoint(path, {"iteration": 1, "model": {"w": torch.ones(3)}})
+    save_training_checkpoint(path, {"iteration": 1, "model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "rng": []})
     proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(path)], stdout=subprocess.PIPE, text=True,
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.readline().strip() == "WRITING"
