@@ -14,8 +14,7 @@ from cropformer.convert import rename_key
 from cropformer.modeling.association import AssociationModule
 from cropformer.modeling.batch_decoder import BatchDecoder, view_position_encoding
 from cropformer.modeling.image_decoder import CrossAttentionLayer, FFNLayer, ImageDecoder, SelfAttentionLayer
-from cropformer.ops.masked_attention import masked_cross_attention
-from tests.conftest import assert_close, load_reference, reference_dir
+from tests.conftest import assert_close, cuda_or_skip, load_reference, reference_dir, triton_device_or_skip
 
 # Golden tiny config: HIDDEN_DIM = CONVS_DIM = MASK_DIM 64, 12 queries, 4 heads, FFN 128, DEC_LAYERS 4
 # (3 transformer layers); association: 8 heads, FFN 2048 (the original's FUSE_ENC_* defaults).
@@ -309,24 +308,20 @@ def test_layer_init_is_xavier_uniform():
     assert heads.image_decoder.query_feat.weight.abs().max() > 2.0
 
 
-def _backend_or_skip(backend: str, device: torch.device):
-    """Skip when `backend` cannot run masked_cross_attention here (the op's own message says why)."""
-    q = torch.randn(1, 1, 2, 4, device=device)
-    try:
-        masked_cross_attention(q, q, q, torch.zeros(1, 2, 2, device=device), backend=backend)
-    except RuntimeError as exc:
-        if "not available" in str(exc) or "not implemented" in str(exc):
-            pytest.skip(f"backend {backend!r} on {device.type}: {exc}")
-        raise
+# Every backend masked_cross_attention has, on each device where it runs (it has no "cuda" backend: on a
+# GPU, "auto" and "triton" are the fast paths).
+ATTN_BACKENDS = [("cpu", "auto"), ("cpu", "cpu"), ("cpu", "triton"),
+                 pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+                 pytest.param("cuda", "triton", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "cpu"])
-def test_attn_backend_swap_keeps_outputs(backend):
-    """(f) Every available attention backend gives the torch reference's outputs (1e-5) through image
-    decoder + association + batch decoder. Runs on the GPU when there is one; on CPU triton runs only
-    when the process has TRITON_INTERPRET=1 (a few seconds at these sizes)."""
-    device = torch.device("cuda" if torch.cuda.is_available() and backend != "cpu" else "cpu")
-    _backend_or_skip(backend, device)
+@pytest.mark.parametrize("device,backend", ATTN_BACKENDS)
+def test_attn_backend_swap_keeps_outputs(device, backend):
+    """(f) Every attention backend gives the torch reference's outputs (1e-5) through image decoder +
+    association + batch decoder. On CPU triton is its interpreter (TRITON_INTERPRET=1, a few seconds at
+    these sizes); the GPU cases need the interpreter off."""
+    device = triton_device_or_skip(device) if backend == "triton" else (
+        cuda_or_skip() if device == "cuda" else torch.device("cpu"))
     heads = tiny_heads().to(device).eval()
     ms, mf = random_inputs(2, 3)
     ms, mf = [x.to(device) for x in ms], mf.to(device)
