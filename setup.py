@@ -10,6 +10,9 @@ its torch (or Triton) path. Switches (environment variables):
                                      1 = CUDA required (the build fails loudly without it)
     TORCH_CUDA_ARCH_LIST="8.0;9.0"   CUDA architectures (default: the visible GPU, else DEFAULT_ARCHS)
     MAX_JOBS=N                       parallel compile jobs (ninja)
+    CROPFORMER_PTXAS_VERBOSE=1       print each CUDA kernel's registers, spills and shared memory
+                                     (-Xptxas -v; scripts/cuda_resources.py checks them)
+    CROPFORMER_NVCC_FLAGS="..."      extra nvcc flags (split on spaces)
 
 Install: ``pip install --no-build-isolation -e .`` (torch must already be installed; see README).
 pyproject.toml declares the PEP 517/660 backend; with ``--no-build-isolation`` the build sees the torch
@@ -78,6 +81,8 @@ def _cuda_runtime_dirs(build_dir: Path) -> tuple[list[str], list[str]]:
 # Without a visible GPU (a build machine, CI): the common datacenter and desktop architectures, with PTX
 # for the newest so later GPUs can JIT it. CUDA 13 no longer targets anything older than Turing (7.5).
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+# nvcc flags of the CUDA sources; scripts/cuda_resources.py reads this list (keep it a literal).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _say(message: str) -> None:
@@ -141,6 +146,9 @@ def _extensions():
         library_dirs += libs
         extra_link += [f"-Wl,-rpath,{d}" for d in libs]
         define_macros.append(("WITH_CUDA", None))
+        nvcc_flags = [*NVCC_FLAGS, *os.environ.get("CROPFORMER_NVCC_FLAGS", "").split()]
+        if os.environ.get("CROPFORMER_PTXAS_VERBOSE") == "1":
+            nvcc_flags += ["-Xptxas", "-v"]
         ext = cpp_extension.CUDAExtension(
             "cropformer._C",
             cpp_sources + cu_sources,
@@ -149,7 +157,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": nvcc_flags,
             },
             extra_link_args=extra_link,
         )
