@@ -15,7 +15,9 @@ Kernels:
   d(loss)/dx times the bilinear weights into the pair's prediction row with atomic adds (fp32
   buffer, cast to the logits' dtype at the end).
 
-Inputs are validated by the dispatch (`cropformer.ops.point_mask`) before these launchers run.
+Inputs are validated by the dispatch (`cropformer.ops.point_mask`, which also holds the custom ops and
+their autograd) before these launchers run. Every launch runs on the device of its tensors
+(`torch.cuda.device_of`), not on the current device.
 """
 from __future__ import annotations
 
@@ -204,10 +206,11 @@ def sample_shared(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     maps = _byte_view(maps)
     BLOCK = 256
     grid = (K * T, triton.cdiv(P, BLOCK))
-    _point_mask_sample_kernel[grid](
-        maps, maps, points.contiguous(), out, T, P, H, W, *maps.stride(),
-        HAS_INDEX=False, ROW_POINTS=False, BLOCK=BLOCK,
-    )
+    with torch.cuda.device_of(maps):
+        _point_mask_sample_kernel[grid](
+            maps, maps, points.contiguous(), out, T, P, H, W, *maps.stride(),
+            HAS_INDEX=False, ROW_POINTS=False, BLOCK=BLOCK,
+        )
     return out
 
 
@@ -220,10 +223,11 @@ def sample_rows(maps: torch.Tensor, index: torch.Tensor, points: torch.Tensor) -
     BLOCK = 256
     s_k, s_h, s_w = maps.stride()
     grid = (M, triton.cdiv(S, BLOCK))
-    _point_mask_sample_kernel[grid](
-        maps, index.contiguous(), points.contiguous(), out, 1, S, maps.shape[1], maps.shape[2], s_k, 0, s_h, s_w,
-        HAS_INDEX=True, ROW_POINTS=True, BLOCK=BLOCK,
-    )
+    with torch.cuda.device_of(maps):
+        _point_mask_sample_kernel[grid](
+            maps, index.contiguous(), points.contiguous(), out, 1, S, maps.shape[1], maps.shape[2], s_k, 0, s_h, s_w,
+            HAS_INDEX=True, ROW_POINTS=True, BLOCK=BLOCK,
+        )
     return out
 
 
@@ -238,12 +242,13 @@ def loss_fwd(pred, gt, points, pred_index, gt_index, gt_valid):
     if M == 0:
         return bce, dice, x, t
     gt = _byte_view(gt)
-    _point_mask_loss_fwd_kernel[(M,)](
-        pred, gt, points.contiguous(), pred_index.contiguous(), gt_index.contiguous(), gt_valid.contiguous(),
-        bce, dice, x, t,
-        P, pred.shape[1], pred.shape[2], gt.shape[1], gt.shape[2], *pred.stride(), *gt.stride(),
-        BLOCK=1024,
-    )
+    with torch.cuda.device_of(pred):
+        _point_mask_loss_fwd_kernel[(M,)](
+            pred, gt, points.contiguous(), pred_index.contiguous(), gt_index.contiguous(), gt_valid.contiguous(),
+            bce, dice, x, t,
+            P, pred.shape[1], pred.shape[2], gt.shape[1], gt.shape[2], *pred.stride(), *gt.stride(),
+            BLOCK=1024,
+        )
     return bce, dice, x, t
 
 
@@ -252,31 +257,10 @@ def loss_bwd(grad_bce, grad_dice, points, pred_index, x, t, pred_shape, dtype):
     M, P = x.shape
     grad = torch.zeros(pred_shape, device=x.device, dtype=torch.float32)
     if M:
-        _point_mask_loss_bwd_kernel[(M,)](
-            grad_bce.contiguous(), grad_dice.contiguous(), points.contiguous(), pred_index.contiguous(), x, t, grad,
-            P, pred_shape[1], pred_shape[2],
-            BLOCK=1024,
-        )
+        with torch.cuda.device_of(x):
+            _point_mask_loss_bwd_kernel[(M,)](
+                grad_bce.contiguous(), grad_dice.contiguous(), points.contiguous(), pred_index.contiguous(), x, t,
+                grad, P, pred_shape[1], pred_shape[2],
+                BLOCK=1024,
+            )
     return grad.to(dtype)
-
-
-class PointMaskLossFunction(torch.autograd.Function):
-    """Fused point loss: saves the points and the M x P samples, not the gathered prediction rows."""
-
-    @staticmethod
-    def forward(ctx, pred, gt, points, pred_index, gt_index, gt_valid):
-        bce, dice, x, t = loss_fwd(pred, gt, points, pred_index, gt_index, gt_valid)
-        ctx.save_for_backward(points, pred_index, x, t)
-        ctx.pred_shape, ctx.pred_dtype = tuple(pred.shape), pred.dtype
-        return bce, dice
-
-    @staticmethod
-    def backward(ctx, grad_bce, grad_dice):
-        points, pred_index, x, t = ctx.saved_tensors
-        grad = loss_bwd(grad_bce.float(), grad_dice.float(), points, pred_index, x, t, ctx.pred_shape, ctx.pred_dtype)
-        return grad, None, None, None, None, None
-
-
-def point_mask_loss(pred, gt, points, pred_index, gt_index, gt_valid):
-    """Per-pair (bce, dice), each M float32, differentiable w.r.t. pred (K x h x w)."""
-    return PointMaskLossFunction.apply(pred, gt, points, pred_index, gt_index, gt_valid)

@@ -18,11 +18,15 @@ Ops:
 
 Backends: "torch" is the reference: float logits through `grid_sample` (bit-identical to the
 original's `point_sample`), compact gt through the 4-neighbour gather (agrees to ~1 ulp); it runs on
-any device (the GPU path until kernels exist). "cpu" is the C++ extension (`csrc/point_mask/`):
-sampling in the arithmetic of ATen's vectorised CPU `grid_sample` (bit-identical on AVX2/AVX-512
-CPUs), points visited row by row, and a fused loss whose backward keeps only the M x P samples
-instead of the gathered prediction rows. `auto` takes "cpu" for CPU float32/float64 inputs when
-the extension is built, else "torch".
+any device. "cpu" is the C++ extension (`csrc/point_mask/`): sampling in the arithmetic of ATen's
+vectorised CPU `grid_sample` (bit-identical on AVX2/AVX-512 CPUs), points visited row by row, and a
+fused loss whose backward keeps only the M x P samples instead of the gathered prediction rows.
+"triton" (`kernels/point_mask.py`, GPU) does the same with fp32 arithmetic for fp32/fp16/bf16 logits.
+`auto` takes Triton for CUDA tensors, "cpu" for CPU float32/float64 inputs when the extension is
+built, else "torch". The fast paths are `torch.library` custom ops (`torch.ops.cropformer.point_mask_*`,
+with fake implementations, the loss with registered autograd), so `torch.compile(fullgraph=True)`
+traces them as single nodes. Tensors must share one device (all backends); indices are range-checked
+before any kernel reads with them (on the host by the C++ entries, on the device by the Triton path).
 
 Point convention everywhere: (x, y) in [0, 1] of the padded frame; the bilinear sample of an
 h x w map at (x, y) reads pixel centres at ((i + 0.5) / w, (j + 0.5) / h) and counts pixels outside
@@ -34,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import has_compiled_op, resolve, triton_usable
+from ._dispatch import has_compiled_op, register_op, resolve, triton_usable
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,17 +123,50 @@ def _cpu_ok(op: str):
 
 
 def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    # fp32 arithmetic inside; float64 stays on the reference
+    # fp32 arithmetic inside (16-bit logits are read and upcast); float64 stays on the reference
     return dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_usable(device)
 
 
-def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, cpu_op: str) -> str:
-    # (`resolve` never auto-picks Triton for CPU tensors: that would be the interpreter)
-    preference = (
-        ("triton", _triton_ok, "Triton kernels"),
-        ("cpu", _cpu_ok(cpu_op), "C++ kernels (csrc/point_mask)"),
+# One preference list per op (`resolve` never auto-picks Triton for CPU tensors: the interpreter).
+_PREFERENCES = {
+    op: (("triton", _triton_ok, "Triton kernels"), ("cpu", _cpu_ok(cpu_op), "C++ kernels (csrc/point_mask)"))
+    for op, cpu_op in (
+        ("point_mask_cost", "point_mask_sample_shared"),
+        ("point_mask_loss", "point_mask_loss_fwd"),
+        ("sample_uncertain_points", "point_mask_sample_rows"),
     )
-    return resolve(op, backend, device, dtype, preference)
+}
+
+
+def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve(op, backend, device, dtype, _PREFERENCES[op])
+
+
+# Availability is a property of the process, not of the traced values: torch.compile calls this once
+# while tracing and bakes the answer in (what `torch.compiler.assume_constant_result` does, set by hand
+# as in ops/ms_deform_attn.py so that importing this module does not import torch._dynamo).
+_choose._dynamo_marked_constant = True
+
+
+def _check_same_device(op: str, ref: torch.Tensor, **tensors) -> None:
+    """Every given tensor (None = absent) on `ref`'s device: the rule of the C++ entries, for all backends."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but pred_logits is on {ref.device}")
+
+
+def _assert_index_range(op: str, name: str, index: torch.Tensor, rows: int) -> None:
+    """Reject indices outside [0, rows) before a Triton kernel reads or scatters with them.
+
+    `torch._assert_async` checks on the device without a host synchronisation (CUDA-graph safe): on
+    CPU it raises at once; on a GPU a bad index stops the stream with a device-side assert before the
+    kernel runs (as an out-of-range index in torch's own indexing does). The C++ entries check on the
+    host; the torch reference checks here too (its indexing would wrap negative indices).
+    """
+    if index.numel():
+        torch._assert_async(
+            ((index >= 0) & (index < rows)).all(), f"{op}: {name} has a value outside [0, {rows})"
+        )
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -178,6 +215,7 @@ def _check_cost_inputs(pred_logits, gt_masks, points, gt_valid):
         raise ValueError(
             f"point_mask_cost: gt_valid {tuple(gt_valid.shape)} must be N x T = {tuple(gt_masks.shape[:2])}"
         )
+    _check_same_device("point_mask_cost", pred_logits, gt_masks=gt_masks, points=points, gt_valid=gt_valid)
     return pred_logits, gt_masks, gt_valid
 
 
@@ -216,25 +254,34 @@ def _costs_from_samples(x, t, valid):
     return bce, dice
 
 
-def _cost_cpu(pred_logits, gt_masks, points, gt_valid):
-    """C++ sampling of logits and compact masks (`point_mask_sample_shared`) + the same two matmuls."""
+@torch.library.custom_op("cropformer::point_mask_sample_shared", mutates_args=())
+def _sample_shared_op(maps: torch.Tensor, points: torch.Tensor, backend: str) -> torch.Tensor:
+    """K x T x H x W maps (float, or uint8 read in place; any strides) at P x 2 points -> K x T x P in
+    the points' dtype; backend "cpu" (C++) or "triton" (float32 points)."""
+    if backend == "triton":
+        from cropformer.kernels.point_mask import sample_shared
+
+        return sample_shared(maps, points)
+    return torch.ops.cropformer_C.point_mask_sample_shared(maps, points)
+
+
+@_sample_shared_op.register_fake
+def _(maps, points, backend):
+    return maps.new_empty((maps.shape[0], maps.shape[1], points.shape[0]), dtype=points.dtype)
+
+
+def _cost_fast(pred_logits, gt_masks, points, gt_valid, backend):
+    """Fused sampling of logits and compact masks (C++ or Triton) + the same two matmuls."""
     pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
-    dtype = _compute_dtype(pred)
+    # C++: the float64 or float32 of the logits; Triton: float32 arithmetic for every logit dtype
+    dtype = _compute_dtype(pred) if backend == "cpu" else torch.float32
     with torch.no_grad():
         pts = points.to(dtype).contiguous()
-        x = torch.ops.cropformer_C.point_mask_sample_shared(pred.to(dtype), pts)
-        t = torch.ops.cropformer_C.point_mask_sample_shared(_as_sampleable(gt), pts)  # in the points' dtype
+        if backend == "cpu":
+            pred = pred.to(dtype)
+        x = _sample_shared_op(pred, pts, backend)
+        t = _sample_shared_op(_as_sampleable(gt), pts, backend)
         return _costs_from_samples(x, t, valid)
-
-
-def _cost_triton(pred_logits, gt_masks, points, gt_valid):
-    """Triton sampling of logits and compact masks + the same two matmuls (fp32)."""
-    from cropformer.kernels.point_mask import sample_shared
-
-    pred, gt, valid = _check_cost_inputs(pred_logits, gt_masks, points, gt_valid)
-    with torch.no_grad():
-        pts = points.float()
-        return _costs_from_samples(sample_shared(pred, pts), sample_shared(gt, pts), valid)
 
 
 def _as_sampleable(gt: torch.Tensor) -> torch.Tensor:
@@ -247,12 +294,10 @@ def point_mask_cost(pred_logits, gt_masks, points, *, gt_valid=None, backend="au
 
     backend: "auto" | "torch" | "cpu" (C++ sampling, when the extension is built) | "triton" (GPU).
     """
-    choice = _choose("point_mask_cost", backend, pred_logits.device, pred_logits.dtype, "point_mask_sample_shared")
-    if choice == "cpu":
-        return _cost_cpu(pred_logits, gt_masks, points, gt_valid)
-    if choice == "triton":
-        return _cost_triton(pred_logits, gt_masks, points, gt_valid)
-    return point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid)
+    choice = _choose("point_mask_cost", backend, pred_logits.device, pred_logits.dtype)
+    if choice == "torch":
+        return point_mask_cost_ref(pred_logits, gt_masks, points, gt_valid)
+    return _cost_fast(pred_logits, gt_masks, points, gt_valid, choice)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +330,10 @@ def _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_v
             )
     if gt_valid is not None and tuple(gt_valid.shape) != (m,):
         raise ValueError(f"point_mask_loss: gt_valid must be ({m},), got {tuple(gt_valid.shape)}")
+    _check_same_device(
+        "point_mask_loss", pred_logits, gt_masks=gt_masks, points=points, pred_index=pred_index, gt_index=gt_index,
+        gt_valid=gt_valid,
+    )
 
 
 def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None):
@@ -303,6 +352,9 @@ def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_in
         sums by num_masks; the caller does that.
     """
     _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    for name, index, rows in (("pred_index", pred_index, pred_logits.shape[0]), ("gt_index", gt_index, gt_masks.shape[0])):
+        if index is not None:  # torch indexing would wrap negative indices
+            _assert_index_range("point_mask_loss", name, index, rows)
     dtype = _compute_dtype(pred_logits)
     x = _sample_logits_rows(pred_logits, pred_index, points, dtype)  # M x P
     with torch.no_grad():
@@ -317,90 +369,135 @@ def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_in
     return bce, dice
 
 
-class _PointMaskLossCPU(torch.autograd.Function):
-    """Fused C++ forward/backward: saves only the M x P samples, recomputes the taps in backward."""
+@torch.library.custom_op("cropformer::point_mask_loss_fwd", mutates_args=())
+def _loss_fwd_op(
+    pred: torch.Tensor, gt: torch.Tensor, points: torch.Tensor, pred_index: torch.Tensor, gt_index: torch.Tensor,
+    gt_valid: torch.Tensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bce M, dice M, x M x P, t M x P): the losses and the samples the backward needs.
 
-    @staticmethod
-    def forward(ctx, pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
-        bce, dice, x, t = torch.ops.cropformer_C.point_mask_loss_fwd(
-            pred_logits, gt_masks, points, pred_index, gt_index, gt_valid
-        )
-        ctx.save_for_backward(points, pred_index, x, t)
-        ctx.pred_shape = pred_logits.shape
-        return bce, dice
+    "cpu": pred contiguous and in the points' dtype (float32/float64), results in that dtype.
+    "triton": any float pred, float32 points and results.
+    """
+    if backend == "triton":
+        from cropformer.kernels.point_mask import loss_fwd
 
-    @staticmethod
-    def backward(ctx, grad_bce, grad_dice):
-        points, pred_index, x, t = ctx.saved_tensors
-        grad_pred = torch.ops.cropformer_C.point_mask_loss_bwd(
-            grad_bce.contiguous(), grad_dice.contiguous(), points, pred_index, x, t, list(ctx.pred_shape)
-        )
-        return grad_pred, None, None, None, None, None
+        _assert_index_range("point_mask_loss", "pred_index", pred_index, pred.shape[0])
+        _assert_index_range("point_mask_loss", "gt_index", gt_index, gt.shape[0])
+        return loss_fwd(pred, gt, points, pred_index, gt_index, gt_valid)
+    return tuple(torch.ops.cropformer_C.point_mask_loss_fwd(pred, gt, points, pred_index, gt_index, gt_valid))
 
 
-def _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid):
-    _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
-    dtype = _compute_dtype(pred_logits)
-    m = points.shape[0]
-    arange = torch.arange(m, dtype=torch.int64)
+@_loss_fwd_op.register_fake
+def _(pred, gt, points, pred_index, gt_index, gt_valid, backend):
+    m, p = points.shape[:2]
+    return points.new_empty(m), points.new_empty(m), points.new_empty(m, p), points.new_empty(m, p)
+
+
+@torch.library.custom_op("cropformer::point_mask_loss_bwd", mutates_args=())
+def _loss_bwd_op(
+    grad_bce: torch.Tensor, grad_dice: torch.Tensor, points: torch.Tensor, pred_index: torch.Tensor,
+    x: torch.Tensor, t: torch.Tensor, pred_shape: list[int], dtype: torch.dtype, backend: str,
+) -> torch.Tensor:
+    """Gradient w.r.t. the K x h x w logits, in `dtype` (zero away from the sampled neighbourhoods)."""
+    if backend == "triton":
+        from cropformer.kernels.point_mask import loss_bwd
+
+        return loss_bwd(grad_bce.float(), grad_dice.float(), points, pred_index, x, t, pred_shape, dtype)
+    grad_bce, grad_dice = grad_bce.to(x.dtype).contiguous(), grad_dice.to(x.dtype).contiguous()
+    return torch.ops.cropformer_C.point_mask_loss_bwd(grad_bce, grad_dice, points, pred_index, x, t, pred_shape)
+
+
+@_loss_bwd_op.register_fake
+def _(grad_bce, grad_dice, points, pred_index, x, t, pred_shape, dtype, backend):
+    return x.new_empty(pred_shape, dtype=dtype)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    pred, _, points, pred_index, _, _, backend = inputs
+    ctx.save_for_backward(points, pred_index, output[2], output[3])  # only the points and M x P samples
+    ctx.pred_shape, ctx.pred_dtype, ctx.backend = list(pred.shape), pred.dtype, backend
+
+
+def _loss_backward(ctx, grad_bce, grad_dice, grad_x, grad_t):
+    points, pred_index, x, t = ctx.saved_tensors
+    grad = _loss_bwd_op(grad_bce, grad_dice, points, pred_index, x, t, ctx.pred_shape, ctx.pred_dtype, ctx.backend)
+    return grad, None, None, None, None, None, None
+
+
+_loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def _loss_fast(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid, backend):
+    """The fused forward and backward (C++ or Triton): saves only the points and the M x P samples."""
+    m, device = points.shape[0], pred_logits.device
+    arange = torch.arange(m, dtype=torch.int64, device=device)
     pred_index = arange if pred_index is None else pred_index.contiguous()
     gt_index = arange if gt_index is None else gt_index.contiguous()
-    gt_valid = torch.ones(m, dtype=torch.uint8) if gt_valid is None else gt_valid.to(torch.uint8).contiguous()
-    pred = pred_logits.to(dtype)
-    if not pred.is_contiguous():
-        pred = pred.contiguous()
+    if gt_valid is None:
+        gt_valid = torch.ones(m, dtype=torch.uint8, device=device)
+    gt_valid = gt_valid.to(torch.uint8).contiguous()
+    if backend == "cpu":
+        dtype = _compute_dtype(pred_logits)
+        pred = pred_logits.to(dtype).contiguous()  # no copy for the usual contiguous fp32 logits
+    else:
+        dtype, pred = torch.float32, pred_logits
     pts = points.to(dtype).contiguous()
-    return _PointMaskLossCPU.apply(pred, _as_sampleable(gt_masks), pts, pred_index, gt_index, gt_valid)
+    bce, dice, _, _ = _loss_fwd_op(pred, _as_sampleable(gt_masks), pts, pred_index, gt_index, gt_valid, backend)
+    return bce, dice
 
 
 def point_mask_loss(pred_logits, gt_masks, points, *, pred_index=None, gt_index=None, gt_valid=None, backend="auto"):
     """Per-pair point losses; see `point_mask_loss_ref` for shapes and semantics.
 
     backend: "auto" | "torch" | "cpu" (fused C++ forward and backward, when the extension is built) |
-    "triton" (fused kernels, GPU). The fused paths keep only the points and the M x P samples for the
-    backward.
+    "triton" (fused kernels, GPU; fp32/fp16/bf16 logits, fp32 arithmetic, the gradient in the logits'
+    dtype). The fused paths are the custom ops `torch.ops.cropformer.point_mask_loss_fwd` / `_bwd`
+    (fake implementations, registered autograd: one node each under torch.compile) and keep only the
+    points and the M x P samples for the backward. Every index must lie in its range (ValueError or
+    RuntimeError otherwise, never an out-of-bounds read).
     """
-    choice = _choose("point_mask_loss", backend, pred_logits.device, pred_logits.dtype, "point_mask_loss_fwd")
-    if choice == "cpu":
-        return _loss_cpu(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
-    if choice == "triton":
-        from cropformer.kernels.point_mask import point_mask_loss as triton_point_mask_loss
-
-        _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
-        m, dev = points.shape[0], pred_logits.device
-        arange = torch.arange(m, device=dev)
-        valid = torch.ones(m, dtype=torch.uint8, device=dev) if gt_valid is None else gt_valid.to(torch.uint8)
-        return triton_point_mask_loss(
-            pred_logits,
-            gt_masks,
-            points.float(),
-            arange if pred_index is None else pred_index,
-            arange if gt_index is None else gt_index,
-            valid,
+    _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
+    choice = _choose("point_mask_loss", backend, pred_logits.device, pred_logits.dtype)
+    if choice == "torch":
+        return point_mask_loss_ref(
+            pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid
         )
-    return point_mask_loss_ref(
-        pred_logits, gt_masks, points, pred_index=pred_index, gt_index=gt_index, gt_valid=gt_valid
-    )
+    return _loss_fast(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid, choice)
 
 
 # --------------------------------------------------------------------------------------------------
 # sample_uncertain_points
 
 
-def _sample_candidates(logits, index, candidates, backend):
-    """M x S float32 logits at the candidate points (no gradient)."""
-    choice = _choose("sample_uncertain_points", backend, logits.device, logits.dtype, "point_mask_sample_rows")
-    if choice == "triton":
+@torch.library.custom_op("cropformer::point_mask_sample_rows", mutates_args=())
+def _sample_rows_op(maps: torch.Tensor, index: torch.Tensor, points: torch.Tensor, backend: str) -> torch.Tensor:
+    """Row index[m] of K x h x w maps at its own points M x S x 2 (float32) -> M x S float32;
+    "cpu": contiguous float32 maps, "triton": any float maps and strides."""
+    if backend == "triton":
         from cropformer.kernels.point_mask import sample_rows
 
-        index = torch.arange(candidates.shape[0], device=logits.device) if index is None else index
-        return sample_rows(logits, index, candidates)
+        _assert_index_range("sample_uncertain_points", "index", index, maps.shape[0])
+        return sample_rows(maps, index, points)
+    return torch.ops.cropformer_C.point_mask_sample_rows(maps, index, points)
+
+
+@_sample_rows_op.register_fake
+def _(maps, index, points, backend):
+    return points.new_empty(points.shape[:2])
+
+
+def _sample_candidates(logits, index, candidates, backend):
+    """M x S float32 logits at the candidate points (no gradient)."""
+    choice = _choose("sample_uncertain_points", backend, logits.device, logits.dtype)
+    if choice == "torch":
+        if index is not None:  # torch indexing would wrap negative indices
+            _assert_index_range("sample_uncertain_points", "index", index, logits.shape[0])
+        return _sample_logits_rows(logits, index, candidates, torch.float32)
+    index = torch.arange(candidates.shape[0], device=logits.device) if index is None else index.contiguous()
     if choice == "cpu":
-        m = candidates.shape[0]
-        index = torch.arange(m) if index is None else index.contiguous()
-        maps = logits.float().contiguous()  # no copy for the usual contiguous fp32 logits
-        return torch.ops.cropformer_C.point_mask_sample_rows(maps, index, candidates)
-    return _sample_logits_rows(logits, index, candidates, torch.float32)
+        logits = logits.float().contiguous()  # no copy for the usual contiguous fp32 logits
+    return _sample_rows_op(logits, index, candidates.contiguous(), choice)
 
 
 def sample_uncertain_points(
@@ -440,6 +537,12 @@ def sample_uncertain_points(
         raise ValueError(
             f"sample_uncertain_points: importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
         )
+    if index is not None:
+        if index.dim() != 1 or index.dtype != torch.int64 or index.device != logits.device:
+            raise ValueError(
+                f"sample_uncertain_points: index must be a 1-D int64 tensor on {logits.device}, got "
+                f"{index.dtype} {tuple(index.shape)} on {index.device}"
+            )
     m = logits.shape[0] if index is None else index.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
@@ -453,3 +556,84 @@ def sample_uncertain_points(
         if num_random > 0:
             coords = torch.cat([coords, torch.rand(m, num_random, 2, device=device, generator=generator)], dim=1)
     return coords
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-tests of the fast paths (run by `_dispatch` before a backend is trusted on a device and dtype):
+# a small random problem of odd sizes through `backend`, compared with the float64 reference on the
+# same (dtype-rounded) inputs, forward and gradient; torch.testing.assert_close raises on a mismatch.
+# The kernels compute in fp32 for every dtype but float64, so values are held to fp32 accuracy; the
+# gradient is returned in the logits' dtype, so it is held to that dtype's rounding.
+
+_VALUE_TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-4, 1e-5), torch.float16: (1e-4, 1e-5),
+              torch.bfloat16: (1e-4, 1e-5)}
+_GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _expect_close(op, backend, device, dtype, name, actual, expected, rtol, atol):
+    torch.testing.assert_close(
+        actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=rtol, atol=atol,
+        msg=lambda m: f"{op} self-test ({backend}, {device}, {dtype}), {name}: {m}",
+    )
+
+
+def _selftest_inputs(device, dtype, seed):
+    """Logits 7 x 9 x 11 (dtype-rounded), masks 5 x 29 x 37 bool, points 13 x 2 partly outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(7, 9, 11, generator=g) * 3).to(dtype)
+    masks = torch.rand(5, 29, 37, generator=g) > 0.5
+    points = torch.rand(13, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    return logits.to(device), masks.to(device), points.to(_compute_dtype(logits)).to(device)
+
+
+def _selftest_cost(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    logits, masks, points = _selftest_inputs(device, dtype, 0)
+    pred, gt = logits.view(7, 1, 9, 11), masks[:, None]
+    got = point_mask_cost(pred, gt, points, backend=backend)
+    expected = point_mask_cost_ref(pred.double(), gt, points.double())
+    for name, a, e in zip(("bce", "dice"), got, expected):
+        _expect_close("point_mask_cost", backend, device, dtype, name, a, e, *_VALUE_TOL[dtype])
+
+
+def _selftest_loss(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    logits, masks, points = _selftest_inputs(device, dtype, 1)
+    g = torch.Generator().manual_seed(2)
+    m = 6
+    pts = (torch.rand(m, 17, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1).to(points.dtype).to(device)
+    pred_index = torch.tensor([3, 0, 3, 6, 1, 5], device=device)  # a repeated row: its gradients add up
+    gt_index = torch.tensor([4, 4, 0, 2, 1, 3], device=device)
+    valid = torch.tensor([True, True, False, True, True, True], device=device)
+    weights = torch.rand(2, m, generator=g, dtype=torch.float64).to(device)
+    results = []
+    for fn, inp in ((point_mask_loss, logits), (point_mask_loss_ref, logits.double())):
+        inp = inp.detach().requires_grad_(True)
+        kwargs = dict(pred_index=pred_index, gt_index=gt_index, gt_valid=valid)
+        if fn is point_mask_loss:
+            kwargs["backend"] = backend
+        bce, dice = fn(inp, masks, pts, **kwargs)
+        ((bce.double() * weights[0]).sum() + (dice.double() * weights[1]).sum()).backward()
+        results.append((bce, dice, inp.grad))
+    (bce, dice, grad), (exp_bce, exp_dice, exp_grad) = results
+    _expect_close("point_mask_loss", backend, device, dtype, "bce", bce, exp_bce, *_VALUE_TOL[dtype])
+    _expect_close("point_mask_loss", backend, device, dtype, "dice", dice, exp_dice, *_VALUE_TOL[dtype])
+    rtol = _GRAD_RTOL[dtype]
+    scale = float(exp_grad.abs().max())
+    _expect_close("point_mask_loss", backend, device, dtype, "grad", grad, exp_grad, rtol, rtol * scale)
+
+
+def _selftest_uncertain(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    # The sampled candidate logits (float32 on every path, as the original's uncertainty); which
+    # candidates win the top-k is torch's topk on them.
+    logits, _, _ = _selftest_inputs(device, dtype, 3)
+    index = torch.tensor([2, 2, 6, 0, 5], device=device)
+    candidates = torch.rand(5, 23, 2, generator=torch.Generator().manual_seed(4)).to(device)
+    got = _sample_candidates(logits, index, candidates, backend)
+    expected = _sample_logits_rows(logits.double(), index, candidates.double(), torch.float64)
+    _expect_close(
+        "sample_uncertain_points", backend, device, dtype, "samples", got, expected, *_VALUE_TOL[torch.float32]
+    )
+
+
+register_op("point_mask_cost", _PREFERENCES["point_mask_cost"], _selftest_cost)
+register_op("point_mask_loss", _PREFERENCES["point_mask_loss"], _selftest_loss)
+register_op("sample_uncertain_points", _PREFERENCES["sample_uncertain_points"], _selftest_uncertain)

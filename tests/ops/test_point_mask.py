@@ -375,3 +375,237 @@ def test_no_float_copy_of_masks(monkeypatch):
     pm.point_mask_cost(pred, gt, pts, backend="torch")
     pm.point_mask_loss(torch.randn(12, 16, 16), gt.flatten(0, 1), torch.rand(12, 50, 2), backend="torch")
     assert seen and max(seen) < limit
+
+
+# ------------------------------------------------------------------------------------------------
+# 16-bit logits on the Triton path (`auto` takes it for fp16/bf16 CUDA tensors; here the interpreter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_logits(dtype):
+    """fp16/bf16 logits: the kernels read them and compute in fp32, so values match the float64
+    reference on the same rounded logits to fp32 accuracy; the gradient is returned in the logits'
+    dtype, and its error stays within twice that of the torch path's (which also rounds it once)."""
+    _backend_or_skip("triton")
+    g = torch.Generator().manual_seed(16)
+    # (Q, N, h, w, H, W, P, M) odd sizes; M pairs with repeated prediction rows
+    Q, N, h, w, H, W, P, M = 9, 5, 13, 11, 49, 45, 61, 7
+    pred = (torch.randn(Q, h, w, generator=g) * 4).to(dtype)
+    gt = make_masks(N, 1, H, W, g)[:, 0]
+    pts = make_points(P, g, torch.float64, h, w, H, W)
+    exp_bce, exp_dice = ref_cost(pred.double()[:, None], gt[:, None], pts)
+    bce, dice = pm.point_mask_cost(pred, gt, pts.float(), backend="triton")
+    assert bce.dtype == torch.float32
+    assert_close(bce, exp_bce, name="cost bce", rtol=1e-5, atol=1e-5)
+    assert_close(dice, exp_dice, name="cost dice", rtol=1e-5, atol=1e-5)
+
+    pidx = torch.tensor([0, 3, 3, 8, 1, 5, 0])
+    gidx = torch.randint(0, N, (M,), generator=g)
+    lpts = torch.stack([make_points(P, g, torch.float64, h, w, H, W) for _ in range(M)])
+    ref_in = pred.double().requires_grad_(True)
+    eb, ed = ref_loss(ref_in[pidx], gt[gidx], lpts)
+    (eb.sum() + 2 * ed.sum()).backward()
+    errors = {}
+    for backend in ("triton", "torch"):
+        inp = pred.clone().requires_grad_(True)
+        b, d = pm.point_mask_loss(inp, gt, lpts.float(), pred_index=pidx, gt_index=gidx, backend=backend)
+        (b.sum() + 2 * d.sum()).backward()
+        assert inp.grad.dtype == dtype
+        if backend == "triton":
+            assert_close(b, eb, name="loss bce", rtol=1e-5, atol=1e-5)
+            assert_close(d, ed, name="loss dice", rtol=1e-5, atol=1e-5)
+        errors[backend] = float((inp.grad.double() - ref_in.grad).abs().max())
+    scale = float(ref_in.grad.abs().max())
+    print(f"{dtype} grad max error: triton {errors['triton']:.3e}, torch {errors['torch']:.3e} (scale {scale:.3e})")
+    assert errors["triton"] <= 2 * errors["torch"] + 1e-6 * scale
+
+    logits = (torch.randn(Q, h, w, generator=g) * 3).to(dtype)
+    cand = torch.rand(M, 53, 2, generator=g)
+    got = pm._sample_candidates(logits, pidx, cand, "triton")
+    assert_close(got, pm._sample_logits_rows(logits.double(), pidx, cand.double(), torch.float64), rtol=1e-5,
+                 atol=1e-5, name="candidate samples")
+
+
+# ------------------------------------------------------------------------------------------------
+# index range, devices, launch device
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["pred_high", "pred_negative", "gt_high"])
+def test_loss_index_out_of_range_is_rejected(backend, bad):
+    """An index outside its rows is an error on every backend (the Triton path checked it only for
+    dtype and shape, and scattered the gradient out of bounds)."""
+    _backend_or_skip(backend)
+    pidx, gidx = torch.tensor([0, 2]), torch.tensor([0, 1])
+    if bad == "pred_high":
+        pidx[1] = 3
+    elif bad == "pred_negative":
+        pidx[0] = -1
+    else:
+        gidx[0] = 7
+    pred = torch.randn(3, 5, 5, requires_grad=True)
+    with pytest.raises((RuntimeError, IndexError), match="out of range|outside|out of bounds"):
+        b, d = pm.point_mask_loss(pred, torch.zeros(3, 20, 20, dtype=torch.bool), torch.rand(2, 10, 2),
+                                  pred_index=pidx, gt_index=gidx, backend=backend)
+        (b.sum() + d.sum()).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_index_out_of_range_is_rejected(backend):
+    _backend_or_skip(backend)
+    logits = torch.randn(4, 9, 7)
+    with pytest.raises((RuntimeError, IndexError), match="out of range|outside|out of bounds"):
+        pm.sample_uncertain_points(logits, 10, index=torch.tensor([1, 4]), backend=backend)
+    with pytest.raises(ValueError, match="1-D int64"):
+        pm.sample_uncertain_points(logits, 10, index=torch.tensor([1, 2], dtype=torch.int32), backend=backend)
+
+
+def test_tensors_on_another_device_are_rejected():
+    """Every tensor must be on the logits' device, for every backend (as the C++ entries require);
+    the meta device stands in for a second device on a CPU-only machine."""
+    pred = torch.randn(3, 5, 5)
+    gt = torch.zeros(3, 20, 20, dtype=torch.bool)
+    meta = torch.device("meta")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="is on meta"):
+            pm.point_mask_loss(pred, gt, torch.rand(3, 10, 2), pred_index=torch.tensor([0, 1, 2], device=meta),
+                               backend=backend)
+        with pytest.raises(ValueError, match="is on meta"):
+            pm.point_mask_loss(pred, gt.to(meta), torch.rand(3, 10, 2), backend=backend)
+        with pytest.raises(ValueError, match="is on meta"):
+            pm.point_mask_cost(pred, gt, torch.rand(10, 2, device=meta), backend=backend)
+
+
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Every Triton launcher enters the device of its tensors (`torch.cuda.device_of`), not the current
+    device (a model on cuda:1 would otherwise launch on GPU 0 with pointers into GPU 1). On CPU the
+    guard is a no-op, so the test records which tensors the launchers passed to it."""
+    _backend_or_skip("triton")
+    seen = []
+    real = torch.cuda.device_of
+
+    def spy(obj):
+        seen.append(obj.device)
+        return real(obj)
+
+    monkeypatch.setattr(torch.cuda, "device_of", spy)
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 7, 9, generator=g, requires_grad=True)
+    gt = torch.rand(4, 21, 25, generator=g) > 0.5
+    pm.point_mask_cost(pred.detach(), gt, torch.rand(11, 2, generator=g), backend="triton")
+    assert len(seen) == 2  # logits and masks sampled
+    b, d = pm.point_mask_loss(pred, gt, torch.rand(4, 13, 2, generator=g), backend="triton")
+    (b.sum() + d.sum()).backward()
+    assert len(seen) == 4  # forward and backward
+    pm.sample_uncertain_points(pred.detach(), 8, backend="triton")
+    assert seen == [torch.device("cpu")] * 5
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops: torch.library.opcheck, torch.compile(fullgraph=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_custom_ops_pass_opcheck(backend):
+    """Schemas, fake implementations (shapes, dtypes, strides) and the registered autograd of the four
+    custom ops agree with their real kernels."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(7)
+    dtype = torch.float32
+    pred = torch.randn(5, 7, 9, generator=g, dtype=dtype)
+    gt = (torch.rand(4, 23, 27, generator=g) > 0.5).view(torch.uint8)
+    pts = torch.rand(3, 11, 2, generator=g, dtype=dtype)
+    pidx, gidx = torch.tensor([4, 0, 4]), torch.tensor([1, 3, 3])
+    valid = torch.tensor([1, 0, 1], dtype=torch.uint8)
+    ops = torch.ops.cropformer
+    cases = [
+        (ops.point_mask_sample_shared.default, (pred[:, None], pts[0], backend)),
+        (ops.point_mask_sample_shared.default, (gt[:, None], pts[0], backend)),
+        (ops.point_mask_sample_rows.default, (pred, pidx, pts, backend)),
+        (ops.point_mask_loss_fwd.default, (pred.clone().requires_grad_(True), gt, pts, pidx, gidx, valid, backend)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_training_step_compiles_in_one_graph(backend):
+    """Point sampling, the point losses and their backward (the criterion's mask terms) under
+    torch.compile(fullgraph=True): same points, losses and gradient as eager."""
+    if backend == "auto" and not has_compiled_op("point_mask_loss_fwd"):
+        pytest.skip("C++ point_mask ops not built: auto is the torch path")
+    from torch._inductor import config as inductor_config
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(7, 13, 11, generator=g)
+    gt = torch.rand(5, 47, 43, generator=g) > 0.5
+    pidx, gidx = torch.tensor([6, 0, 2, 2]), torch.tensor([1, 4, 0, 3])
+
+    def step(logits, gt, pidx, gidx):
+        points = pm.sample_uncertain_points(logits.detach(), 37, 3.0, 0.75, index=pidx, backend=backend)
+        bce, dice = pm.point_mask_loss(logits, gt, points, pred_index=pidx, gt_index=gidx, backend=backend)
+        return points, bce.sum() + 2 * dice.sum()
+
+    results = []
+    # fallback_random: the compiled graph draws with torch's generator, as eager does
+    with inductor_config.patch(fallback_random=True):
+        for fn in (step, _compiled(step)):
+            torch.manual_seed(3)
+            inp = logits.clone().requires_grad_(True)
+            points, loss = fn(inp, gt, pidx, gidx)
+            loss.backward()  # through the compiled graph's backward (AOTAutograd) for the compiled step
+            results.append((points, loss, inp.grad))
+    for a, e, name in zip(results[1], results[0], ("points", "loss", "grad")):
+        assert_close(a, e, rtol=1e-6, atol=1e-7, name=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_matching_cost_compiles_in_one_graph(backend):
+    g = torch.Generator().manual_seed(9)
+    pred = torch.randn(6, 2, 9, 11, generator=g)
+    gt = torch.rand(4, 2, 37, 41, generator=g) > 0.5
+    pts = torch.rand(29, 2, generator=g)
+    valid = torch.rand(4, 2, generator=g) > 0.3
+
+    def cost(pred, gt, pts, valid):
+        bce, dice = pm.point_mask_cost(pred, gt, pts, gt_valid=valid, backend=backend)
+        return 5 * bce + 5 * dice
+
+    assert_close(_compiled(cost)(pred, gt, pts, valid), cost(pred, gt, pts, valid), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# self-tests registered for `auto`'s verification
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", ["point_mask_cost", "point_mask_loss", "sample_uncertain_points"])
+def test_selftests_pass_and_catch_a_wrong_kernel(op, backend, monkeypatch):
+    """Each op's registered self-test passes on its working fast paths (every dtype the backend
+    accepts) and raises when the fast path is made wrong."""
+    from cropformer.ops import _dispatch
+
+    _backend_or_skip(backend)
+    selftest = _dispatch.SELFTESTS[op]
+    available = {name: ok for name, ok, _ in _dispatch.PREFERENCES[op]}[backend]
+    cpu = torch.device("cpu")
+    dtypes = [d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16) if available(cpu, d)]
+    assert dtypes
+    for dtype in dtypes:
+        selftest(backend, cpu, dtype)
+    # A wrong fast path: the sampled samples (all three ops read them) off by one part in a thousand.
+    for name in ("_sample_shared_op", "_sample_rows_op", "_loss_fwd_op"):
+        real = getattr(pm, name)
+
+        def wrong(*args, _real=real):
+            out = _real(*args)
+            return tuple(o * 1.001 for o in out) if isinstance(out, tuple) else out * 1.001
+
+        monkeypatch.setattr(pm, name, wrong)
+    with pytest.raises(AssertionError, match=f"{op} self-test"):
+        selftest(backend, cpu, dtypes[0])
