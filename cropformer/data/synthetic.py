@@ -195,12 +195,12 @@ class DetailSpec:
     def for_views(cls, height: int, width: int, *, short_side: int, max_size: int = 1333,
                   crop_ratio: float = 0.7, gap_cells: tuple[float, float] | None = None,
                   blob_cells: tuple[float, float] = (1.0, 2.0)) -> DetailSpec:
-        """Detail sized in full-view mask cells at this test size. The default gap band,
-        [crop_ratio, 1) cells, is under one cell of the full view but at least one cell of a crop:
-        what the crops resolve and the full view does not."""
-        full_cell, _ = view_cells(height, width, short_side=short_side, max_size=max_size, crop_ratio=crop_ratio)
-        lo, hi = gap_cells if gap_cells is not None else (crop_ratio, 1.0)
-        return cls((lo * full_cell, hi * full_cell), (blob_cells[0] * full_cell, blob_cells[1] * full_cell))
+        """Detail sized in full-view mask cells at this test size. The default gap band, from one crop
+        cell to one full-view cell (crop_ratio to 1 full-view cells), is what the crops resolve and the
+        full view does not."""
+        full_cell, crop_cell = view_cells(height, width, short_side=short_side, max_size=max_size, crop_ratio=crop_ratio)
+        gap = (crop_cell, full_cell) if gap_cells is None else (gap_cells[0] * full_cell, gap_cells[1] * full_cell)
+        return cls(gap, (blob_cells[0] * full_cell, blob_cells[1] * full_cell))
 
 
 DETAIL_KINDS = ("stuff", "object", "twin", "thin", "small")
@@ -208,7 +208,7 @@ DETAIL_KINDS = ("stuff", "object", "twin", "thin", "small")
 
 def make_detail_image(
     rng: np.random.Generator, height: int, width: int, spec: DetailSpec
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[int, int]]]:
     """One image of the detail set: fine detail decides the masks (the crop-ensemble experiment).
 
     Voronoi stuff, a few large objects, then the detail: twin pairs (a box or ellipse cut in two by a
@@ -220,6 +220,7 @@ def make_detail_image(
         image: H x W x 3 uint8 RGB.
         labels: H x W int32 entity index 0..n-1 (every pixel labelled, every index present).
         kinds: n strings from DETAIL_KINDS.
+        twins: (i, j) entity indices of each twin pair of which both halves remain.
     """
     h, w = int(height), int(width)
     side = min(h, w)
@@ -277,12 +278,12 @@ def make_detail_image(
         kinds.append("small")
         nid += 1
     labels, remap = _renumber(labels, nid)
+    twins = [(int(remap[i]), int(remap[j])) for i, j in twins if remap[i] >= 0 and remap[j] >= 0]
     twin_of = np.arange(int(labels.max()) + 1)
     for i, j in twins:
-        if remap[i] >= 0 and remap[j] >= 0:
-            twin_of[remap[j]] = remap[i]
+        twin_of[j] = i
     kinds = [k for k, r in zip(kinds, remap) if r >= 0]
-    return _paint(rng, labels, twin_of), labels, kinds
+    return _paint(rng, labels, twin_of), labels, kinds, twins
 
 
 def labels_to_rles(labels: np.ndarray) -> list[dict]:
@@ -341,7 +342,7 @@ def make_synthetic_dataset(
             image, labels = make_synthetic_image(rng, height, width, hi_res=hi_res)
             kinds = None
         else:
-            image, labels, kinds = make_detail_image(rng, height, width, detail)
+            image, labels, kinds, _ = make_detail_image(rng, height, width, detail)
         name = f"{i:06d}.{image_format}"
         if not cv2.imwrite(str(out / "images" / name), image[:, :, ::-1], params):
             raise OSError(f"could not write {out / 'images' / name}")
