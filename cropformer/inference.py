@@ -21,6 +21,7 @@ output (all queries, double-sigmoid scores).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Entities:
     scores: np.ndarray  # n float32
     areas: np.ndarray  # n int64
     queries: np.ndarray  # n int64, the query each entity came from
+    stability: np.ndarray | None = None  # n float32 (`Segmenter.generate` computes it, see there)
 
 
 class Segmenter:
@@ -77,6 +79,8 @@ class Segmenter:
             raise ValueError(f"mode {self.mode!r} needs a CropFormer model; this is a Mask2Former baseline (use 'single')")
         self.score_mode = score_mode or t.score_mode
         self.mask_threshold = t.mask_threshold if mask_threshold is None else mask_threshold
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold is a probability in (0, 1), got {self.mask_threshold}")
         self.min_area = t.min_area if min_area is None else min_area
         self.score_threshold = t.score_threshold if score_threshold is None else score_threshold
         self.keep_empty = keep_empty
@@ -116,9 +120,12 @@ class Segmenter:
         if isinstance(image, DecodedImage):
             H, W = image.height, image.width
         else:
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image.shape} {image.dtype}")
+            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {getattr(image, 'shape', type(image))} "
+                                 f"{getattr(image, 'dtype', '')}")
             H, W = image.shape[:2]
+            if H < 1 or W < 1:
+                raise ValueError(f"the image is empty ({H} x {W})")
         sample = build_sample(image, self.plan(H, W))
         if self.mode == "crops":  # drop the full view
             sample["images"] = sample["images"][1:]
@@ -127,9 +134,10 @@ class Segmenter:
         return sample
 
     @torch.no_grad()
-    def segment_batch(self, images: list[np.ndarray | DecodedImage]) -> list[Entities]:
+    def segment_batch(self, images: list[np.ndarray | DecodedImage], stability: bool = False) -> list[Entities]:
         """Segment several images (RGB uint8 arrays, or `decode_image` results, possibly decoded at
-        reduced resolution); views of images with the same padded size share one forward."""
+        reduced resolution); views of images with the same padded size share one forward.
+        `stability` also computes each entity's stability score (see `generate`)."""
         samples = [self._views(im) for im in images]
         stride = self.model.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
@@ -143,13 +151,13 @@ class Segmenter:
             use_batch = self.mode in ("full_crops", "full_batch", "crops")
             out = self.model(batch["images"].to(self.device), batch["image_sizes"].to(self.device), run_batch_decoder=use_batch)
             for b, i in enumerate(idx):
-                results[i] = self._fuse(out, b, T, samples[i])
+                results[i] = self._fuse(out, b, T, samples[i], stability)
         return results
 
-    def segment(self, image: np.ndarray) -> Entities:
+    def segment(self, image: np.ndarray | DecodedImage) -> Entities:
         return self.segment_batch([image])[0]
 
-    def _fuse(self, out: dict, b: int, T: int, sample: dict) -> Entities:
+    def _fuse(self, out: dict, b: int, T: int, sample: dict, stability: bool = False) -> Entities:
         if self.mode in ("full_crops", "full_batch", "crops"):
             logits = out["batch"]["pred_logits"][b]  # Q x 2
             view_logits = out["batch"]["pred_masks"][b].transpose(0, 1)  # V x Q x h x w
@@ -162,8 +170,10 @@ class Segmenter:
             queries = class_scores.topk(self.top_k).indices.sort().values
             class_scores, view_logits = class_scores[queries], view_logits[:, queries]
         H, W = (int(v) for v in sample["orig_size"])
+        view_logits = view_logits.float()
+        paste_args = (sample["image_sizes"], sample["crop_boxes"].round().long())
         id_map, scores, areas = paste_entities(
-            view_logits.float(), sample["image_sizes"], sample["crop_boxes"].round().long(), class_scores, (H, W),
+            view_logits, *paste_args, class_scores, (H, W),
             mask_threshold=self.mask_threshold, score_mode=self.score_mode, backend=self.paste_backend,
         )
         id_map, scores, areas = id_map.cpu().numpy(), scores.cpu().numpy(), areas.cpu().numpy()
@@ -177,20 +187,38 @@ class Segmenter:
         # Renumber: entity k (1-based) in the id map = k-th kept query, by descending score.
         lut = np.zeros(len(scores) + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
-        return Entities(lut[id_map], scores[order].astype(np.float32), areas[order].astype(np.int64), queries[order])
+        stab = None
+        if stability:
+            stab = np.array([self._stability(view_logits[:, q : q + 1], paste_args, (H, W)) for q in order], np.float32)
+        return Entities(lut[id_map], scores[order].astype(np.float32), areas[order].astype(np.int64), queries[order], stab)
+
+    def _stability(self, query_logits: torch.Tensor, paste_args: tuple, out_size: tuple[int, int]) -> float:
+        """segment-anything's stability score of one query, on its fused probability p (mean over the
+        views of the sigmoid of the view's logit, as `paste_entities` fuses): the IoU of
+        {p > sigmoid(logit(t) + 1)} and {p > sigmoid(logit(t) - 1)}, t = mask_threshold. SAM thresholds
+        its logits at 0 +- 1.0; this is the same offset in logit space (0.269 / 0.731 for t = 0.5). The
+        high set lies inside the low one, so the IoU is the ratio of their areas (0 when both are empty).
+        Each set is of the query alone at full resolution, before other entities take pixels."""
+        centre = math.log(self.mask_threshold / (1.0 - self.mask_threshold))
+        one = torch.ones(1)
+        lo, hi = (int(paste_entities(query_logits, *paste_args, one, out_size, mask_threshold=1.0 / (1.0 + math.exp(-x)),
+                                     backend=self.paste_backend)[2][0]) for x in (centre - 1.0, centre + 1.0))
+        return hi / lo if lo else 0.0
 
     # ----------------------------------------------------------------------------------------------
     def generate(self, image: np.ndarray, output_mode: str = "coco_rle") -> list[dict]:
         """segment-anything automatic-mask-generator records, one per entity, best first.
 
         Keys: segmentation (COCO RLE dict, or H x W bool with output_mode="binary_mask"), area,
-        bbox (XYWH), predicted_iou and stability_score (both our entity score: SAM's two quality
-        numbers have no separate meaning here), point_coords ([]: no prompts), crop_box (XYWH of the
-        whole image).
+        bbox (XYWH), predicted_iou (our entity score: class score x mean fused probability, or the
+        original's with score_mode="original"), stability_score (SAM's definition on the fused
+        probabilities, see `_stability`; it costs two single-query pastes per entity), crop_box (XYWH
+        of the whole image: the crops are fused, not separate records), query. SAM's point_coords is
+        left out: there are no prompt points.
         """
         if output_mode not in ("coco_rle", "binary_mask"):
             raise ValueError(f"output_mode must be 'coco_rle' or 'binary_mask', got {output_mode!r}")
-        ent = self.segment(image)
+        ent = self.segment_batch([image], stability=True)[0]
         return entity_records(ent, output_mode)
 
 
@@ -201,16 +229,15 @@ def entity_records(ent: Entities, output_mode: str = "coco_rle") -> list[dict]:
     rles, boxes, areas = id_map_to_rle(ent.id_map, ids)
     records = []
     for k, (rle, box, area) in enumerate(zip(rles, boxes, areas)):
-        seg = rle if output_mode == "coco_rle" else ent.id_map == k + 1
-        score = float(ent.scores[k])
-        records.append({
-            "segmentation": seg,
+        record = {
+            "segmentation": rle if output_mode == "coco_rle" else ent.id_map == k + 1,
             "area": int(area),
             "bbox": [float(v) for v in box],
-            "predicted_iou": score,
-            "stability_score": score,
-            "point_coords": [],
+            "predicted_iou": float(ent.scores[k]),
             "crop_box": [0.0, 0.0, float(W), float(H)],
             "query": int(ent.queries[k]),
-        })
+        }
+        if ent.stability is not None:
+            record["stability_score"] = float(ent.stability[k])
+        records.append(record)
     return records

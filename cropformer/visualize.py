@@ -9,6 +9,8 @@ import numpy as np
 
 def entity_colors(n: int, seed: int = 0) -> np.ndarray:
     """n distinct-ish RGB colours (golden-ratio hues, varied saturation/value), n x 3 uint8."""
+    if n == 0:
+        return np.zeros((0, 3), np.uint8)  # (OpenCV refuses an empty array)
     i = np.arange(n)
     hue = ((i * 0.618033988749895 + seed * 0.1) % 1.0) * 179
     sat = 150 + (i * 37) % 106

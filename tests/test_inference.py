@@ -65,7 +65,9 @@ def test_generate_records_are_sam_shaped():
     records = seg.generate(image)
     assert records, "no entity found"
     for r in records:
-        assert {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"} <= set(r)
+        assert {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "crop_box"} <= set(r)
+        assert "point_coords" not in r  # no prompts: no field that only pretends
+        assert 0.0 <= r["stability_score"] <= 1.0
         m = mask_util.decode(r["segmentation"])
         assert m.sum() == r["area"] > 0
         assert list(mask_util.toBbox(r["segmentation"])) == pytest.approx(r["bbox"])
@@ -198,29 +200,35 @@ def test_infer_cli_outputs_resume_and_bad_images(trained, capsys):
         (inputs / p.name).write_bytes(p.read_bytes())
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = root / "infer_out"
-    assert infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out)]) == 0
-    assert "1 unreadable" in capsys.readouterr().out
+    assert infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out)]) == 1  # one failed
+    assert "2 segmented, 0 already done (skipped), 1 failed" in capsys.readouterr().out
+    report = json.loads((out / "failures.json").read_text())
+    assert [(f["path"], f["stage"]) for f in report["failed"]] == [(str(inputs / "broken.jpg"), "decode")]
     for p in sorted(inputs.glob("0*.jpg")):
-        id_map = cv2.imread(str(out / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED)
-        meta = json.loads((out / f"{p.stem}.json").read_text())
+        id_map = cv2.imread(str(out / f"{p.name}.ids.png"), cv2.IMREAD_UNCHANGED)
+        meta = json.loads((out / f"{p.name}.json").read_text())
+        assert meta["image"] == str(p)
         assert id_map.shape == (meta["height"], meta["width"]) == (96, 128)
         for e in meta["entities"]:  # the PNG and the RLE JSON agree
             assert np.array_equal(mask_util.decode(e["segmentation"]).astype(bool), id_map == e["id"])
-        vis = cv2.imread(str(out / f"{p.stem}_overlay.jpg"))
+        vis = cv2.imread(str(out / f"{p.name}.overlay.jpg"))
         assert vis.shape[:2] == (96, 128)
+    (inputs / "broken.jpg").unlink()
     assert infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out)]) == 0
-    assert "2 already done (skipped)" in capsys.readouterr().out
+    assert "0 segmented, 2 already done (skipped), 0 failed" in capsys.readouterr().out
 
 
 def test_id_map_png_is_16_bit_above_255_entities(tmp_path):
-    import infer as infer_cli
+    from cropformer.cli import infer as infer_cli
     from cropformer.inference import Entities
 
     id_map = (np.arange(40 * 30).reshape(40, 30) % 300 + 1).astype(np.int32)
     ent = Entities(id_map, np.ones(300, np.float32), np.bincount(id_map.ravel())[1:], np.arange(300))
-    infer_cli.write_outputs(tmp_path, "many", Path("many.png"), ent, np.zeros((40, 30, 3), np.uint8), 0)
-    back = cv2.imread(str(tmp_path / "many.png"), cv2.IMREAD_UNCHANGED)
+    outputs = infer_cli.output_paths(tmp_path, Path("many.png"))
+    infer_cli.write_outputs(outputs, {"image": "many.png"}, ent, np.zeros((40, 30, 3), np.uint8), 0)
+    back = cv2.imread(str(tmp_path / "many.png.ids.png"), cv2.IMREAD_UNCHANGED)
     assert back.dtype == np.uint16 and np.array_equal(back, id_map)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.png.ids.png", "many.png.json", "many.png.overlay.jpg"]
 
 
 def test_overlay_sizes_and_boundaries():
@@ -240,6 +248,7 @@ def test_overlay_sizes_and_boundaries():
     assert (vis[(id_map == 1) & ~b] != 100).any(axis=-1).all()  # entities are tinted
     with pytest.raises(ValueError, match="differ in size"):
         overlay(image, id_map[:10])
+    assert np.array_equal(overlay(image, np.zeros_like(id_map)), image)  # no entity at all
 
 
 def test_faster_coco_eval_gives_identical_numbers():
@@ -273,3 +282,38 @@ def test_eval_under_torchrun_shards_and_merges(trained):
     assert b["images"] == a["images"] == 3
     assert b["metrics"]["AP"] == pytest.approx(a["metrics"]["AP"], abs=1e-9)
     assert len(json.loads((root / "eval_ddp" / "predictions.json").read_text())) == len(json.loads((single / "predictions.json").read_text()))
+
+
+def test_stability_score_is_sams_on_the_fused_probability():
+    """Mode single has one view, so the fused probability is the sigmoid of the logits resized x4 to the
+    padded input, cut to the view and resized to the image (bilinear, align_corners=False); SAM's
+    stability at threshold 0.5 is |p > sigmoid(1)| / |p > sigmoid(-1)|. Computed here independently."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = build_model(cfg.model)
+    seen = []
+
+    def sharpen(module, args, out):  # random weights give probabilities near 0.5: spread them out
+        out["image"]["pred_masks"] = out["image"]["pred_masks"] * 6
+        seen.append(out["image"]["pred_masks"][0].float())
+        return out
+
+    model.register_forward_hook(sharpen)
+    seg = Segmenter(model, cfg, mode="single", score_threshold=0.0)
+    H, W = 71, 93  # odd sizes: the resizes do not line up with the stride
+    image = np.random.default_rng(3).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    ent = seg.segment_batch([image], stability=True)[0]
+    h, w = (int(v) for v in seg.plan(H, W).views[0].size)
+    up = F.interpolate(seen[0][None], scale_factor=4, mode="bilinear", align_corners=False)[0][:, :h, :w]
+    prob = F.interpolate(up[None], size=(H, W), mode="bilinear", align_corners=False)[0].sigmoid()
+    assert len(ent.queries) >= 3
+    values = []
+    for k, q in enumerate(ent.queries):
+        hi, lo = int((prob[q] > torch.sigmoid(torch.tensor(1.0))).sum()), int((prob[q] > torch.sigmoid(torch.tensor(-1.0))).sum())
+        assert lo > 0
+        assert ent.stability[k] == pytest.approx(hi / lo, abs=2 / lo), (k, q)  # fp32 vs fp64 at a pixel or two
+        values.append(hi / lo)
+    assert len(set(np.round(values, 3))) > 1 and max(values) > 0  # a real measure, not a constant
+    assert not np.allclose(ent.stability, ent.scores)

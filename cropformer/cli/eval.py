@@ -5,6 +5,11 @@
     torchrun --nproc_per_node N eval.py --ckpt ... --data ... --images ...   # images sharded over ranks
 
 Prints the AP table and per-image time; writes <out>/metrics.json and <out>/predictions.json (COCO RLE).
+The ground truth and a --preds file are validated before anything runs (see cropformer/evaluation.py):
+a malformed file is one line naming the file, the record and the problem, exit status 2. An image that
+fails (unreadable, truncated, size not as annotated, out of memory, a model error) is skipped and listed
+under "failed" in metrics.json with its stage and reason; the AP is still printed, and the exit status
+is 1.
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from .. import distributed as dist_utils
-    from ..evaluation import evaluate_entities, format_table, predict_dataset
+    from ..checkpoint import atomic_write
+    from ..evaluation import evaluate_entities, format_table, load_ground_truth, predict_dataset, read_json
 
+    gt = load_ground_truth(args.data, need_file_names=not args.preds)
     if args.preds:
-        preds = json.loads(Path(args.preds).read_text())
+        preds = read_json(args.preds, "predictions")
         out = Path(args.out or Path(args.preds).parent)
         stats = {}
     else:
@@ -62,21 +69,25 @@ def main(argv=None) -> int:
         cfg = load_config(args.cfg, args.set) if args.cfg else None
         seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, device=device, mode=args.mode,
                                         score_mode=args.score_mode, min_area=args.min_area)
-        preds, stats = predict_dataset(seg, args.data, args.images, reduced_decode=args.reduced_decode)
+        preds, stats = predict_dataset(seg, gt, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")
     if dist_utils.get_rank() != 0:
         dist_utils.cleanup()  # waits at the barrier until rank 0 has scored and written everything
         return 0
+    metrics = evaluate_entities(gt, preds, predictions_source=args.preds or "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_entities(args.data, preds)
     print(format_table(metrics))
+    failed = stats.get("failed", [])
     if stats:
         print(f"{stats['images']} images, {stats['mean_s_per_image']:.3f} s/image"
-              + (f", peak GPU memory {stats['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in stats else "")
-              + (f", {len(stats['failed'])} unreadable (skipped)" if stats["failed"] else ""))
-        (out / "predictions.json").write_text(json.dumps(preds))
-    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, **stats}, indent=1))
+              + (f", peak GPU memory {stats['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in stats else ""))
+        atomic_write(out / "predictions.json", lambda tmp: Path(tmp).write_text(json.dumps(preds)))
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps({"metrics": metrics, **stats}, indent=1)))
     print(f"wrote {out / 'metrics.json'}")
+    if failed:
+        print(f"{len(failed)} of {stats['images']} images failed and were not scored (AP counts them as missed), "
+              f"e.g. {failed[0]['path']}: {failed[0]['stage']}: {failed[0]['reason']}; all listed under 'failed' "
+              f"in {out / 'metrics.json'}", file=sys.stderr)
     dist_utils.cleanup()
-    return 0
+    return 1 if failed else 0
 

@@ -1,79 +1,141 @@
 """Segment every entity of your images ("segment everything"), in batch.
 
     python infer.py --ckpt model_final.safetensors --input photos/ --out results/
-    python infer.py --ckpt ... --input "photos/*.jpg" --out results/ --device cuda
+    python infer.py --ckpt ... --input "photos/**/*.jpg" --out results/ --device cuda
     python infer.py --ckpt ... --input list.txt --out results/        # one image path per line
 
-For every image NAME it writes into --out:
-    NAME.png          entity id map at original resolution (0 = no entity, k = entity k; 16-bit PNG
+A folder is searched recursively (skipping --out when it lies inside). For every image, at its path
+REL relative to the input folder (for a glob, a list or one file: relative to the folder all inputs
+share), it writes into --out:
+    REL.ids.png       entity id map at original resolution (0 = no entity, k = entity k; 16-bit PNG
                       when there are more than 255 entities)
-    NAME.json         {"image": path, "height", "width", "entities": [{"id", "score", "area",
-                      "bbox" (XYWH), "segmentation" (COCO RLE)}]}
-    NAME_overlay.jpg  semi-transparent colours and entity boundaries over the image (longest side capped
+    REL.overlay.jpg   semi-transparent colours and entity boundaries over the image (longest side capped
                       by --overlay-max-side to keep huge images cheap; 0 = original size)
-Images whose three outputs exist are skipped (resume); unreadable images are reported and skipped.
+    REL.json          {"image": path, "image_bytes", "image_mtime_ns", "height", "width", "entities":
+                      [{"id", "score", "area", "bbox" (XYWH), "segmentation" (COCO RLE)}]}, written last
+    failures.json     {"total", "segmented", "skipped", "failed": [{"path", "stage", "reason"}]} of this run
+REL keeps the extension, so a.jpg, a.png and sub/a.jpg get their own outputs. Inputs are never written
+over: no input may lie inside --out (refused, exit 2), and every file is written to a temporary name in
+its folder and renamed into place, so an interruption leaves no partial output under a final name.
+Resume: an image is skipped when its three outputs exist and its JSON records the same input file
+(path, size, modification time). One image failing (decode, segment, write; stage and reason in
+failures.json) never stops the batch; the exit status is 1 when any image failed or none was found.
 Memory stays bounded on any image size: JPEGs are decoded at reduced resolution when the network needs
 fewer pixels, and the fused paste never holds per-query full-resolution maps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
-import sys
+import os
 from pathlib import Path
 
-from . import UserError, add_common_options, setup_logging
+from . import UserError, add_common_options, debug_requested, describe_os_error, setup_logging
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+OUTPUT_SUFFIXES = (".ids.png", ".overlay.jpg", ".json")  # the JSON last: it marks the image done
+REPORT = "failures.json"
+MAX_LISTED = 20  # failures printed in the summary (all of them are in the report)
 
 
-def list_inputs(spec: str) -> list[Path]:
-    """A folder (its images, sorted), a glob pattern, a .txt list of paths, or one image file."""
+def list_inputs(spec: str, out: Path) -> tuple[list[Path], Path]:
+    """(images, root): a folder (its images, recursively, sorted, --out skipped), a glob pattern, a .txt
+    list of paths, or one image file; `root` is the folder that output names are relative to."""
     p = Path(spec)
     if p.is_dir():
-        return sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+        skip = out.resolve()
+        found = []
+        for folder, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if Path(folder, d).resolve() != skip)
+            found += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+        return sorted(found), p
     if p.suffix.lower() == ".txt" and p.is_file():
-        return [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
-    if p.is_file():
-        return [p]
-    found = sorted(Path(f) for f in glob.glob(spec, recursive=True))
-    if not found:
-        raise UserError(f"--input {spec!r}: no such folder, file, list or matching images")
-    return found
+        found = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+    elif p.is_file():
+        found = [p]
+    else:
+        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+        if not found:
+            raise UserError(f"--input {spec!r}: no such folder, file, list or matching images")
+    root = Path(os.path.commonpath([os.path.abspath(f.parent) for f in found])) if found else Path(".")
+    return found, root
 
 
-def write_outputs(out: Path, name: str, path: Path, ent, image_rgb, overlay_max_side: int) -> None:
+def output_paths(out: Path, rel: Path) -> list[Path]:
+    """The three outputs of the input at `rel`: its relative path plus a suffix (unique per input)."""
+    return [out / rel.parent / (rel.name + s) for s in OUTPUT_SUFFIXES]
+
+
+def refuse_inputs_inside(out: Path, paths: list[Path]) -> None:
+    """The rule that keeps inputs safe: no input may lie inside --out (so no output can replace one)."""
+    out_real = out.resolve()
+    for path in paths:
+        if out_real in path.resolve().parents:
+            raise UserError(f"--out {out}: contains the input {path}; outputs could replace inputs, "
+                            "choose an output folder that holds none of the inputs")
+
+
+def source_key(path: Path) -> dict:
+    """What resume compares: the input's path, size and modification time."""
+    st = path.stat()
+    return {"image": str(path), "image_bytes": st.st_size, "image_mtime_ns": st.st_mtime_ns}
+
+
+def already_done(outputs: list[Path], key: dict) -> bool:
+    if not all(f.is_file() for f in outputs):
+        return False
+    try:
+        meta = json.loads(outputs[-1].read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in key.items())
+
+
+def write_outputs(outputs: list[Path], key: dict, ent, image_rgb, overlay_max_side: int) -> None:
+    """Write the id map, the overlay and (last) the JSON, each atomically."""
     import cv2
     import numpy as np
 
+    from ..checkpoint import atomic_write
     from ..inference import entity_records
     from ..visualize import overlay
 
+    ids_path, overlay_path, json_path = outputs
     id_map = ent.id_map
     H, W = id_map.shape
-    png = id_map.astype(np.uint16 if id_map.max() > 255 else np.uint8)
-    if not cv2.imwrite(str(out / f"{name}.png"), png):
-        raise OSError(f"cannot write {out / f'{name}.png'}")
-    entities = [{"id": k + 1, "score": r["predicted_iou"], "area": r["area"], "bbox": r["bbox"],
-                 "segmentation": r["segmentation"]} for k, r in enumerate(entity_records(ent))]
-    (out / f"{name}.json").write_text(json.dumps({"image": str(path), "height": H, "width": W, "entities": entities}))
     # Overlay at a capped size: the id map is resized with nearest, the image with area averaging.
     scale = 1.0 if overlay_max_side <= 0 else min(1.0, overlay_max_side / max(H, W))
     size = (max(1, round(W * scale)), max(1, round(H * scale)))
     img = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA) if image_rgb.shape[:2] != (size[1], size[0]) else image_rgb
     ids = cv2.resize(id_map, size, interpolation=cv2.INTER_NEAREST) if scale != 1.0 else id_map
-    vis = overlay(img, ids)
-    cv2.imwrite(str(out / f"{name}_overlay.jpg"), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    vis = cv2.cvtColor(overlay(img, ids), cv2.COLOR_RGB2BGR)
+    for path, ext, array, params in ((ids_path, ".png", id_map.astype(np.uint16 if id_map.max() > 255 else np.uint8), []),
+                                     (overlay_path, ".jpg", vis, [cv2.IMWRITE_JPEG_QUALITY, 90])):
+        ok, buf = cv2.imencode(ext, array, params)
+        if not ok:
+            raise OSError(f"cannot encode {path}")
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.tobytes()))
+    entities = [{"id": k + 1, "score": r["predicted_iou"], "area": r["area"], "bbox": r["bbox"],
+                 "segmentation": r["segmentation"]} for k, r in enumerate(entity_records(ent))]
+    text = json.dumps({**key, "height": H, "width": W, "entities": entities})
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"  # ImageDecodeError has a reason
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cropformer infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="weights: ours or an official checkpoint")
     p.add_argument("--cfg", help="config file or name (needed when the checkpoint stores none)")
-    p.add_argument("--input", required=True, help="image folder, glob pattern, .txt list, or one image")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--input", required=True, help="image folder (recursive), glob pattern, .txt list, or one image")
+    p.add_argument("--out", required=True, help="output folder (must not hold any input)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--mode", choices=["full_crops", "full_batch", "full_image", "crops", "single"])
     p.add_argument("--score-mode", choices=["mean_prob", "original"])
@@ -90,40 +152,66 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
 
+    from ..checkpoint import atomic_write
     from ..config import load_config
-    from ..data.decode import ImageDecodeError, decode_image, read_image_info
+    from ..data.decode import decode_image, read_image_info
     from ..inference import Segmenter
     from ..progress import Progress
 
     log = logging.getLogger("cropformer.infer")
-    paths = list_inputs(args.input)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    paths, root = list_inputs(args.input, out)
+    refuse_inputs_inside(out, paths)
+    if not paths:
+        print(f"no images found in {args.input} (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+        return 1
     seg = Segmenter.from_checkpoint(args.ckpt, cfg=load_config(args.cfg) if args.cfg else None, device=args.device,
                                     mode=args.mode, score_mode=args.score_mode, min_area=args.min_area,
                                     score_threshold=args.score_threshold)
+    out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
-    done = skipped = failed = 0
+    done = skipped = 0
+    failures = []
     for path in paths:
-        name = path.stem
-        if all((out / f).exists() for f in (f"{name}.png", f"{name}.json", f"{name}_overlay.jpg")):
-            skipped += 1
-            bar.update(1)
-            continue
+        outputs = output_paths(out, Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))))
+        stage = "decode"
         try:
+            key = source_key(path)
+            if already_done(outputs, key):
+                skipped += 1
+                bar.update(1, failed=len(failures))
+                continue
             info = read_image_info(path)
-            plan = seg.plan(info.height, info.width)
-            decoded = decode_image(path, scale=plan.needed_scale(), reduced=not args.full_decode)
-        except ImageDecodeError as exc:
-            log.warning("skipping unreadable image: %s", exc)
-            failed += 1
-            bar.update(1)
-            continue
-        ent = seg.segment(decoded)
-        write_outputs(out, name, path, ent, decoded.image, args.overlay_max_side)
-        done += 1
-        bar.update(1, entities=len(ent.scores))
-    bar.close()
-    print(f"{done} segmented, {skipped} already done (skipped), {failed} unreadable -> {out}")
-    return 1 if paths and failed == len(paths) else 0  # unreadable images are reported, not fatal
+            decoded = decode_image(path, scale=seg.plan(info.height, info.width).needed_scale(), reduced=not args.full_decode)
+            stage = "segment"
+            ent = seg.segment(decoded)
+            stage = "write"
+            write_outputs(outputs, key, ent, decoded.image, args.overlay_max_side)
+            done += 1
+        except Exception as exc:  # any failure of one image (out of memory, a model error) spares the batch
+            if debug_requested(argv):
+                raise
+            reason = failure_reason(exc)
+            log.warning("%s: %s failed: %s", path, stage, reason)
+            failures.append({"path": str(path), "stage": stage, "reason": reason})
+            if stage == "write":  # all three outputs or none
+                for f in outputs:
+                    with contextlib.suppress(OSError):
+                        f.unlink(missing_ok=True)
+            if stage == "segment" and args.device == "cuda":
+                import torch
 
+                torch.cuda.empty_cache()
+        bar.update(1, failed=len(failures))
+    bar.close()
+    report = {"total": len(paths), "segmented": done, "skipped": skipped, "failed": failures}
+    atomic_write(out / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    for f in failures[:MAX_LISTED]:
+        print(f"failed: {f['path']}: {f['stage']}: {f['reason']}")
+    if len(failures) > MAX_LISTED:
+        print(f"... and {len(failures) - MAX_LISTED} more")
+    print(f"{done} segmented, {skipped} already done (skipped), {len(failures)} failed -> {out}"
+          + (f"; failures listed in {out / REPORT}" if failures else ""))
+    return 1 if failures else 0

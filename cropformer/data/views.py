@@ -36,6 +36,7 @@ __all__ = [
     "corner_crop_boxes",
     "View",
     "ViewPlan",
+    "view_size",
     "plan_views",
     "draw_train_plan",
     "inference_plan",
@@ -58,11 +59,14 @@ def corner_crop_boxes(height: int, width: int, ratio: float = 0.7) -> list[tuple
 
     (The original computes them with a sliding window of stride int(0.6 * side); for every side of
     4 px or more that window yields exactly these corners.)
+
+    A side too short for int(ratio * side) >= 1 (1 px at ratio 0.7) is kept whole: the crops of a
+    1 x 7 image are 1 x 4, so every image has its four crops (the original fails on such images).
     """
     height, width = int(height), int(width)
-    cw, ch = int(ratio * width), int(ratio * height)
-    if cw <= 0 or ch <= 0:
-        raise ValueError(f"image {height} x {width} is too small for crops of ratio {ratio}")
+    if height <= 0 or width <= 0 or not 0 < ratio <= 1:
+        raise ValueError(f"no crops of ratio {ratio} for an image of {height} x {width}")
+    cw, ch = max(1, int(ratio * width)), max(1, int(ratio * height))
     return [
         (0, 0, cw, ch),
         (width - cw, 0, width, ch),
@@ -115,6 +119,18 @@ class ViewPlan:
         return torch.tensor([v.size for v in self.views], dtype=torch.int64)
 
 
+def view_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """`resized_size`, with each side at least 1 px.
+
+    Only slivers need the floor: capping the long side at `max_size` can round the short side to 0
+    (3 x 50000 at 800 / 1333 gives 0.08 px). Such a view is thinner than the network's stride; it is
+    zero-padded to the stride like any view, and its masks come from the one row (column) of 1/4
+    resolution logits it covers, upsampled to the image.
+    """
+    h, w = resized_size(height, width, short_side, max_size)
+    return max(h, 1), max(w, 1)
+
+
 def plan_views(
     height: int,
     width: int,
@@ -125,13 +141,14 @@ def plan_views(
     flip: bool = False,
     ratio: float = 0.7,
 ) -> ViewPlan:
-    """Full view plus the given corner crops, all resized to `short_side` (longer side <= max_size)."""
-    full = View((0, 0, width, height), resized_size(height, width, short_side, max_size), -1)
+    """Full view plus the given corner crops, all resized to `short_side` (longer side <= max_size,
+    each side >= 1 px; see `view_size`). Any image of at least 1 x 1 px has a plan."""
+    full = View((0, 0, width, height), view_size(height, width, short_side, max_size), -1)
     boxes = corner_crop_boxes(height, width, ratio) if corners else []
     views = [full]
     for c in corners:
         x0, y0, x1, y1 = boxes[c]
-        views.append(View(boxes[c], resized_size(y1 - y0, x1 - x0, short_side, max_size), int(c)))
+        views.append(View(boxes[c], view_size(y1 - y0, x1 - x0, short_side, max_size), int(c)))
     return ViewPlan(int(height), int(width), bool(flip), int(short_side), int(max_size), tuple(views))
 
 

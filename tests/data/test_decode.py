@@ -173,6 +173,20 @@ def test_truncated_file(tmp_path, fmt, scale):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("fmt,params", [("jpg", []), ("jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), ("png", [])])
+def test_data_stopping_anywhere_is_detected(tmp_path, fmt, params):
+    """A file whose data stops early (a torn download or copy) is refused wherever it stops, at full and
+    reduced resolution, never returned with the missing part filled in."""
+    ok, buf = cv2.imencode(f".{fmt}", smooth(121, 163), params)
+    data = buf.tobytes()
+    path = tmp_path / f"cut.{fmt}"
+    for frac in np.linspace(0.1, 0.98, 12):
+        path.write_bytes(data[: int(len(data) * frac)])
+        for scale in (1.0, 0.25):
+            with pytest.raises(ImageDecodeError, match=str(path)):
+                decode_image(path, scale=scale)
+
+
 def test_trailing_data_after_jpeg(tmp_path):
     full = save(tmp_path / "full.jpg", smooth(301, 403), quality=90)
     path = tmp_path / "trailer.jpg"

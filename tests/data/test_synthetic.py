@@ -1,8 +1,10 @@
 """Synthetic entity dataset (cropformer/data/synthetic.py): loads with pycocotools, masks never overlap
-and cover every pixel, thin structures exist, generation is fast and seeded."""
+and cover every pixel, thin structures exist, generation is seeded; its speed is a benchmark
+(`pytest -m bench`), not a timed unit test."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import cv2
@@ -23,11 +25,7 @@ def load_masks(coco: COCO, image_id: int) -> np.ndarray:
 
 
 def test_dataset_loads_with_pycocotools_and_partitions_images(tmp_path):
-    t0 = time.perf_counter()
     path = make_synthetic_dataset(tmp_path, 50, (256, 320), seed=0)
-    elapsed = time.perf_counter() - t0
-    # About a second on this 2-core machine (shared); the bound leaves room for a loaded CI box.
-    assert elapsed < 20, f"50 images of 256 x 320 took {elapsed:.1f} s"
     coco = COCO(str(path))
     assert len(coco.getImgIds()) == 50
     counts = []
@@ -82,3 +80,18 @@ def test_seeded_and_cli(tmp_path):
     data = json.loads((tmp_path / "cli/annotations.json").read_text())
     assert [im["height"] for im in data["images"]] == [48, 48]
     assert (tmp_path / "cli/images/000001.jpg").is_file()
+
+
+@pytest.mark.bench
+def test_bench_generation_speed(tmp_path):
+    """50 images of 256 x 320 (the demo needs a few hundred): seconds per image, recorded."""
+    from tests.bench.common import record
+
+    times = []
+    for rep in range(3):
+        t0 = time.perf_counter()
+        make_synthetic_dataset(tmp_path / str(rep), 50, (256, 320), seed=rep)
+        times.append(time.perf_counter() - t0)
+    rec = record("synthetic_dataset", {"images": 50, "size": [256, 320], "s_total": sorted(times),
+                                       "load_avg_1m": os.getloadavg()[0]})
+    print(rec)

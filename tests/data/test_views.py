@@ -67,9 +67,39 @@ def test_corner_boxes_other_ratio(ratio):
     assert corner_crop_boxes(h, w, ratio)[3] == (w - cw, h - ch, w, h)
 
 
-def test_corner_boxes_too_small():
-    with pytest.raises(ValueError):
-        corner_crop_boxes(1, 50)
+def test_corner_boxes_of_a_side_too_short_to_crop():
+    """int(0.7 * 1) = 0: a 1 px side is kept whole, so every image has its four crops."""
+    assert corner_crop_boxes(1, 50) == [(0, 0, 35, 1), (15, 0, 50, 1), (0, 0, 35, 1), (15, 0, 50, 1)]
+    assert corner_crop_boxes(7, 1) == [(0, 0, 1, 4), (0, 0, 1, 4), (0, 3, 1, 7), (0, 3, 1, 7)]
+    for bad in [(0, 5, 0.7), (5, 5, 0.0), (5, 5, 1.5)]:
+        with pytest.raises(ValueError):
+            corner_crop_boxes(*bad)
+
+
+# 1 px sides, slivers whose capped long side rounds the short side to 0 px, and EntitySeg's largest.
+EXTREME_SIZES = [(1, 1), (1, 7), (7, 1), (2, 2), (3, 50000), (50000, 3), (40, 15000), (15000, 11000)]
+
+
+@pytest.mark.parametrize("h,w", EXTREME_SIZES)
+def test_any_image_size_has_views(h, w):
+    plan = inference_plan(h, w)
+    assert len(plan.views) == 5
+    for v in plan.views:
+        x0, y0, x1, y1 = v.box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert 1 <= min(v.size) and max(v.size) <= 1333
+    assert plan.needed_scale() > 0
+    if h * w <= 200_000:  # render them too (the network input of each view)
+        image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        sample = build_sample(image, plan)
+        assert [tuple(im.shape[1:]) for im in sample["images"]] == [v.size for v in plan.views]
+
+
+def test_sliver_view_is_one_pixel_thin():
+    """3 x 50000 at short side 800 / max 1333: the long side is capped at 1333 and the short side
+    would round to 0 px; it is kept at 1 px (the original fails on such images)."""
+    assert inference_plan(3, 50000).views[0].size == (1, 1333)
+    assert inference_plan(3, 5000).views[0].size == (1, 1333)  # rounds to 1 by itself (0.8 px)
 
 
 @pytest.mark.parametrize(
