@@ -88,7 +88,7 @@ def atomic_write(path: str | Path, write_fn, what: str = "file") -> None:
         os.replace(tmp, path)
     except Exception as exc:
         if _out_of_space(exc, path.parent):  # checked while the temporary file still holds its space
-            kept = f"previous {what} {path} is intact" if path.exists() else f"no {what} was written"
+            kept = f"previous {what} {path} is intact" if path.exists() else f"{path} was not created"
             raise OSError(errno.ENOSPC, f"no space left on device writing {path}; {kept}") from exc
         raise
     finally:
@@ -97,11 +97,14 @@ def atomic_write(path: str | Path, write_fn, what: str = "file") -> None:
 
 
 def _out_of_space(exc: BaseException, folder: Path) -> bool:
-    """Did a write fail for lack of space? An ENOSPC/EDQUOT anywhere in the exception chain, or (torch's
-    and safetensors' writers report it in their own words, e.g. "unexpected pos") a full filesystem."""
+    """Did a write fail for lack of space? An ENOSPC/EDQUOT anywhere in the exception chain (safetensors'
+    Rust writer spells it "(os error 28)"), or a full filesystem (torch's writer reports it in its own
+    words: "unexpected pos")."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(f"(os error {e})" in str(exc) for e in (errno.ENOSPC, errno.EDQUOT)):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -498,7 +501,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config |
         if cfg is not None:
             meta["config"] = json.dumps(to_dict(cfg))
         meta[CHECKSUM_KEY] = content_digest({"metadata": meta, "tensors": tensors})
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), what="weights")
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), what="weights file")
         if cfg is not None:
             atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)),
                          what="config")
@@ -507,7 +510,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config |
         if cfg is not None:
             payload["config"] = to_dict(cfg)
         payload = _with_checksum(payload)
-        atomic_write(path, lambda tmp: torch.save(payload, tmp), what="weights")
+        atomic_write(path, lambda tmp: torch.save(payload, tmp), what="weights file")
     else:
         raise ValueError(f"{path}: weights are written as .safetensors or .pth")
 

@@ -278,9 +278,11 @@ def _merge(base: dict, update: dict) -> dict:
 def _read_json(path: Path, seen: tuple = ()) -> dict:
     """Read a config file; `"_base_": "other.json"` inherits from another config in the same folder."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a JSON config (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be an object")
     data.pop("_comment", None)  # free text for people; the only key besides _base_ outside the schema

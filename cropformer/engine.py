@@ -4,6 +4,11 @@
 `solver.max_iter`, writing metrics as JSON lines, a loss-curve PNG, atomic checkpoints and, at the end,
 exported weights. A NaN/Inf loss stops the run naming the iteration, the loss term and the last good
 checkpoint; nothing is saved after it.
+
+Killed at any moment (SIGKILL, power loss), a run resumes exactly: checkpoints are written atomically
+(the previous one survives a kill mid-write; the temporary file is removed at the next save), and a
+torn last line of metrics.jsonl is dropped with a warning. A full disk stops the run saying so and
+naming the file, with the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import math
 import random
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,8 @@ import torch
 
 from . import distributed as dist_utils
 from .checkpoint import (
+    CheckpointError,
+    atomic_write,
     export_weights,
     load_model_weights,
     load_training_checkpoint,
@@ -165,7 +172,7 @@ def train(
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)), what="config")
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(dev)
     if init_weights:
@@ -185,10 +192,12 @@ def train(
     if resume:
         ckpt = load_training_checkpoint(resume)
         if ckpt.get("world_size", 1) != world:
-            raise RuntimeError(f"{resume}: saved with {ckpt.get('world_size')} processes, resuming with {world}")
+            raise CheckpointError(f"{resume}: saved with {ckpt.get('world_size')} processes, resuming with {world}; "
+                                  "resume with the same number of processes")
         saved_cfg = from_dict(ckpt["config"], f"{resume} (config)")
         if to_dict(saved_cfg.model) != to_dict(cfg.model):
-            raise RuntimeError(f"{resume}: its model config differs from the requested one")
+            raise CheckpointError(f"{resume}: its model config differs from the requested one; resume with the config "
+                                  "it was trained with (its config.json)")
         load_model_weights(model, ckpt["model"], source=resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -231,14 +240,15 @@ def train(
                 record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
             else:  # process peak RSS (Linux reports KiB)
                 record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            with open(metrics_path, "a") as f:
+            with _naming(metrics_path), open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             for key in CURVE_KEYS:
                 if key in record:
                     history.setdefault(key, []).append((iteration, record[key]))
             progress.update(1, loss=result["total_loss"], lr=result["lr"])
             if iteration % cfg.log_period == 0 or iteration == end_iter:
-                plot_curves(history, out_dir / "loss_curve.png")
+                with _naming(out_dir / "loss_curve.png"):
+                    plot_curves(history, out_dir / "loss_curve.png")
         if iteration % cfg.solver.checkpoint_period == 0 or iteration == end_iter:
             payload = _checkpoint_payload(model, optimizer, scheduler, scaler, iteration, cfg)
             if rank == 0:
@@ -260,20 +270,40 @@ def train(
     return summary
 
 
+@contextmanager
+def _naming(path: Path):
+    """Name `path` in an OSError raised while writing it (Python's write errors do not: "[Errno 28] No
+    space left on device" alone)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
 def _read_history(path: Path, upto: int) -> dict:
-    """Loss history from an earlier run's metrics file (for the curve after a resume); truncates it to
-    `upto` so a resumed run does not duplicate iterations."""
+    """Loss history from an earlier run's metrics file (for the curve after a resume), and the file
+    rewritten (atomically) with the records up to iteration `upto`, so a resumed run does not duplicate
+    iterations. A line that does not parse (the torn last line of a killed run) is dropped with a
+    warning."""
     history: dict = {}
     if not path.exists():
         return history
     kept = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["iteration"] > upto:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            iteration = rec["iteration"]
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning("%s:%d: dropped a line that is not a complete record (%s); a kill mid-write leaves one",
+                           path, number, exc)
+            continue
+        if iteration > upto:
             continue
         kept.append(line)
         for k in CURVE_KEYS:
             if k in rec:
-                history.setdefault(k, []).append((rec["iteration"], rec[k]))
-    path.write_text("".join(line + "\n" for line in kept))
+                history.setdefault(k, []).append((iteration, rec[k]))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)), what="metrics")
     return history

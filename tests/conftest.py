@@ -105,3 +105,11 @@ def nan_filled_empty():
     finally:
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def tiny_train_overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    """`--set` overrides for a seconds-long run of the "tiny" config on the synthetic set written by
+    `make_synthetic_dataset(data / "train", ...)`, with outputs in `out`."""
+    return [f"data.train_json=\"{data / 'train' / 'annotations.json'}\"", f"data.train_images=\"{data / 'train' / 'images'}\"",
+            "input.min_size_train=[64,96]", "input.min_size_test=96", "loss.num_points=256", "solver.ims_per_batch=2",
+            "solver.max_iter=4", "solver.checkpoint_period=2", "data.num_workers=0", f"output_dir=\"{out}\"", *extra]

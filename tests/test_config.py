@@ -36,8 +36,11 @@ def test_wrong_type_and_bad_json(tmp_path):
     bad.write_text(json.dumps({"model": {"decoder": {"num_queries": "many"}}}))
     with pytest.raises(ConfigError, match="num_queries: expected an integer"):
         load_config(str(bad))
-    bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="invalid JSON"):
+    bad.write_text('{\n  "solver": {"max_iter": 10,}\n}')  # a trailing comma: the "}" at line 2, column 29
+    with pytest.raises(ConfigError, match=rf"^{bad}:2:29: invalid JSON: Expecting property name"):
+        load_config(str(bad))
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not a JSON config \(not UTF-8 text\)"):
         load_config(str(bad))
 
 

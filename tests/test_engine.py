@@ -1,6 +1,7 @@
 """Training loop: exact resume, crash-safe checkpoints, NaN stop, 2-process DDP, optimiser/schedule rules."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,7 +18,9 @@ from cropformer.config import load_config
 from cropformer.data.synthetic import make_synthetic_dataset
 from cropformer.engine import NonFiniteLossError, train
 from cropformer.modeling.build import build_model
+from cropformer.progress import Progress
 from cropformer.solver import build_optimizer, lr_factor, param_groups
+from tests.conftest import tiny_train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +33,7 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_cfg(data: Path, out: Path, *extra: str):
-    return load_config("tiny", [
-        f"data.train_json=\"{data / 'train' / 'annotations.json'}\"",
-        f"data.train_images=\"{data / 'train' / 'images'}\"",
-        "input.min_size_train=[64,96]", "input.min_size_test=96",
-        "loss.num_points=256", "solver.ims_per_batch=2", "solver.max_iter=4",
-        "solver.checkpoint_period=2", "data.num_workers=0", f"output_dir=\"{out}\"", *extra,
-    ])
+    return load_config("tiny", tiny_train_overrides(data, out, *extra))
 
 
 def _state(path):
@@ -182,3 +179,26 @@ def test_lr_schedules():
     step = load_config("swin_t_1x").solver
     assert lr_factor(30524, step) == 1.0 and lr_factor(30525, step) == pytest.approx(0.1)
     assert lr_factor(33138, step) == pytest.approx(0.01)
+
+
+def test_progress_rate_and_eta_follow_the_recent_speed():
+    """Issue 15: on a machine that gets busy (or frees up), the rate and ETA say so within a few dozen
+    iterations; the average since the start would still be far off."""
+    now = [0.0]
+    stream = io.StringIO()
+    bar = Progress(300, "train", stream=stream, every_s=0.0, clock=lambda: now[0])
+
+    def run(n: int, seconds_each: float) -> None:
+        for _ in range(n):
+            now[0] += seconds_each
+            bar.update(1)
+
+    run(50, 1.0)
+    assert bar.rate == pytest.approx(1.0)
+    run(50, 10.0)  # other jobs take the cores
+    assert bar.rate == pytest.approx(0.1, rel=0.1) and 100 / now[0] > 0.18  # since the start: 0.18 it/s
+    assert bar.eta == pytest.approx(200 / 0.1, rel=0.1)
+    assert "0.10 it/s" in stream.getvalue().splitlines()[-1]
+    run(50, 1.0)  # and leave again
+    assert bar.rate == pytest.approx(1.0, rel=0.1) and 150 / now[0] == 0.25  # since the start: 0.25 it/s
+    assert bar.eta == pytest.approx(150, rel=0.1)

@@ -5,9 +5,11 @@ Each subcommand is a module here with `build_parser()` and `main(argv) -> int`; 
 so every entry point takes the same options. Library modules hold no `main()`.
 
 Errors: a problem with the user's input (a path, a JSON file, an option, a checkpoint) is raised as
-:class:`UserError` (or one of the library's own input errors listed in `USER_ERRORS`) and printed as
-one line, `error: <file>: <problem>`, with exit status 2 and no traceback. `--debug` or
-`CROPFORMER_DEBUG=1` re-raises it with the traceback.
+:class:`UserError` (or one of the library's own input errors, `user_errors()`) and printed as one line,
+`error: <file>: <problem>`, with exit status 2 and no traceback; so is an OSError naming a file (missing,
+unreadable, not a folder) and a full disk. `--debug` or `CROPFORMER_DEBUG=1` re-raises it with the
+traceback. Anything else is a bug and keeps its traceback: a JSON syntax error in particular must be
+caught where the file is read, so that the message names the file.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     extra = []
     for mod, name in (("cropformer.checkpoint", "CheckpointError"), ("cropformer.data.decode", "ImageDecodeError"),
-                      ("cropformer.evaluation", "EvaluationInputError")):
+                      ("cropformer.data.dataset", "DatasetError"), ("cropformer.evaluation", "EvaluationInputError")):
         cls = getattr(importlib.import_module(mod), name, None)
         if cls is not None:
             extra.append(cls)
@@ -62,13 +64,25 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+# OSErrors that are the environment's doing even when they name no file.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def describe_os_error(exc: OSError) -> str:
-    """One line for an OSError that names the file: 'no space left on device writing X' etc."""
-    where = f" {exc.filename}" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on device writing{where}"
+    """One line for an OSError: 'X: Permission denied', 'no space left on device writing X' etc."""
     reason = exc.strerror or str(exc)
-    return f"{exc.filename}: {reason}" if exc.filename else reason
+    if exc.filename is None:
+        return reason
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device writing {exc.filename}"
+    return f"{exc.filename}: {reason}"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input or a hostile environment (shown as one line), as opposed to a bug (a traceback)."""
+    if isinstance(exc, user_errors()):
+        return True
+    return isinstance(exc, OSError) and (exc.filename is not None or exc.errno in _ENVIRONMENT_ERRNOS)
 
 
 def run(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -79,16 +93,10 @@ def run(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if debug_requested(argv):
+        if debug_requested(argv) or not is_user_error(exc):
             raise
-        if isinstance(exc, user_errors()):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) or (
-                isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
-            print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-            return 2
-        raise
+        print(f"error: {describe_os_error(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

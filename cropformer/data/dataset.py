@@ -280,7 +280,10 @@ def load_entity_records(
     if on_bad_image not in ("fatal", "skip"):
         raise ValueError(f"on_bad_image must be 'fatal' or 'skip', got {on_bad_image!r}")
     with open(json_file) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{json_file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{json_file}: not a COCO JSON (no 'images' list)")
     problems = _Problems()
