@@ -11,7 +11,8 @@
 #   bench.log       the GPU benchmarks only (-m "gpu and bench") -> bench_results.jsonl
 #   summary.md      markdown of the benchmark records, ready for docs/BENCHMARKS.md
 # Results go to $OUT (or ./gpu_results). Usage, in the repository root: bash scripts/gpu_suite.sh
-# Limits per step (seconds): GPU_SUITE_BUILD_S (240), GPU_SUITE_PARITY_S (150), GPU_SUITE_BENCH_S (180).
+# Limits per step (seconds), 8 minutes together: GPU_SUITE_BUILD_S (180), GPU_SUITE_PARITY_S (150),
+# GPU_SUITE_BENCH_S (150); a step that runs out fails the suite.
 #
 # GPU_SUITE_DRY_RUN=1 runs the control flow without a GPU: each step prints its command and runs a stub
 # instead, which fails for the step named in GPU_SUITE_FAIL (build, extension, resources, parity, skips,
@@ -67,7 +68,7 @@ archs=$(echo "$arch" | tr ';' ' ' | sed 's/+PTX//g; s/\.//g')  # "8.0;9.0+PTX" -
 cat "$out/env.txt"
 
 export TRITON_INTERPRET=0 CROPFORMER_VERIFY=strict  # compiled Triton kernels; a failed self-test is an error
-step build build.log "${GPU_SUITE_BUILD_S:-240}" \
+step build build.log "${GPU_SUITE_BUILD_S:-180}" \
   env CROPFORMER_BUILD_EXT=1 CROPFORMER_BUILD_CUDA=1 CROPFORMER_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="$arch" \
   MAX_JOBS="${MAX_JOBS:-16}" "$python" setup.py build_ext --inplace
 step extension extension.log 60 \
@@ -77,7 +78,7 @@ step parity parity.log "${GPU_SUITE_PARITY_S:-150}" \
   "$python" -m pytest -m "gpu and not bench" -x -q -rs -p no:cacheprovider --junitxml="$out/parity.xml"
 step skips skips.log 30 "$python" scripts/check_skips.py "$out/parity.xml" "${GPU_SUITE_ALLOWED_SKIPS:-}"
 rm -f "$out/bench_results.jsonl"
-step bench bench.log "${GPU_SUITE_BENCH_S:-180}" \
+step bench bench.log "${GPU_SUITE_BENCH_S:-150}" \
   env CROPFORMER_BENCH_OUT="$out/bench_results.jsonl" "$python" -m pytest -m "gpu and bench" -q -s -p no:cacheprovider
 step summary summary.log 30 \
   "$python" scripts/bench_summary.py "$out/bench_results.jsonl" --env "$out/env.txt" --out "$out/summary.md"
