@@ -166,6 +166,9 @@ def check(text: str, archs: list[int], launches: dict[str, Launch] = LAUNCHES, r
     """(report lines, failures) for the ptxas output `text`. A kernel with a `known_failure` whose check
     fails is reported as XFAIL; one that passes is a failure (the table must be updated)."""
     usages = parse_ptxas(text)
+    if not usages:
+        return [], ["no ptxas -v report in the output: build with CROPFORMER_PTXAS_VERBOSE=1 and keep the compiler's "
+                    "output (pip shows it only with -v), or run scripts/ci_cuda_check.sh without a log"]
     pretty = demangle(sorted({u.symbol for u in usages}))
     lines, failures = [], []
     kernels = global_kernels(root / "csrc")

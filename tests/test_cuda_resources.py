@@ -133,6 +133,8 @@ def test_check_reports_missing_architectures_and_kernels():
     assert len(failures) == 3 and all("sm_100" in f and "no ptxas report" in f for f in failures), failures
     _, failures = cr.check(PTXAS_SAMPLE, [80], _launches(max_dynamic_smem=1024, known_failure=""))
     assert failures == ["sm_80 backward_kernel: no ptxas report (not compiled, or the log lacks -Xptxas -v)"]
+    _, failures = cr.check("[3/5] nvcc ... ms_deform_attn_cuda.cu\nbuilding 'cropformer._C'\n", [80, 90])
+    assert len(failures) == 1 and "no ptxas -v report" in failures[0], failures
 
 
 @pytest.mark.parametrize("known_failure", ["", "reported bug"])
