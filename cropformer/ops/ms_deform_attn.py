@@ -290,7 +290,8 @@ def _selftest(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     def run(fn, dev, dt):
         value, loc, attn = [t.to(dev, dt).requires_grad_() for t in inputs[:3]]
         out = fn(value, spatial_shapes.to(dev), starts.to(dev), loc, attn)
-        return [out, *torch.autograd.grad(out, (value, loc, attn), inputs[3].to(dev, dt))]
+        # through a scalar: grad_outputs= costs a one-time import of sympy (seconds) in torch's autograd
+        return [out, *torch.autograd.grad((out * inputs[3].to(dev, dt)).sum(), (value, loc, attn))]
 
     got = run(lambda *a: ms_deform_attn(*a, backend=backend), device, dtype)
     inputs = [t.to(dtype).double() for t in inputs]  # the reference sees the same rounded numbers
