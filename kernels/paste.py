@@ -15,6 +15,8 @@ class score) comes from `cropformer.ops.paste._plan`, the same as for the C++ an
    order; each step evaluates the fused probability of one query at the tile's undecided pixels, gives
    them the query where it exceeds the threshold, and adds the query's score terms and area with one
    atomic per step. It stops when every pixel is decided or the list ends.
+
+Launches run on the device of the logits (`torch.cuda.device_of`), not on the current device.
 """
 from __future__ import annotations
 
@@ -144,15 +146,15 @@ def paste_entities_fwd(logits, row_idx, row_w, col_idx, col_w, boxes, row_breaks
                        threshold: float, score_mode: int):
     """Launch both kernels; same arguments and results as `torch.ops.cropformer_C.paste_entities`.
 
-    Tiles must be at most TILE x TILE pixels (the plan is built with tile = TILE).
+    Tiles must be at most TILE x TILE pixels (the plan is built with tile = TILE; `_tile_breaks`
+    guarantees it). Nothing here waits for the device: the tile list and the survivor lists are built
+    with device ops, and the launches run on the logits' device.
     Returns (id_map H x W int32, prob_sum Q float64, area Q int64, evaluated (1,) int64).
     """
     V, Q, h, w = logits.shape
     H, W = row_idx.shape[1], col_idx.shape[1]
     device = logits.device
     rb, cb = row_breaks.long(), col_breaks.long()
-    if int((rb.diff().max())) > TILE or int(cb.diff().max()) > TILE:
-        raise ValueError(f"paste_entities (triton): tiles must be at most {TILE} pixels per side")
     # Tiles x 4 (ya, yb, xa, xb), row-major over the tile grid.
     R, C = rb.numel() - 1, cb.numel() - 1
     tiles = torch.stack([rb[:-1, None].expand(R, C), rb[1:, None].expand(R, C),
@@ -160,28 +162,28 @@ def paste_entities_fwd(logits, row_idx, row_w, col_idx, col_w, boxes, row_breaks
     tiles = tiles.reshape(R * C, 4).to(torch.int32).contiguous()
     T = R * C
     flags = torch.empty(T, Q, dtype=torch.int8, device=device)
-    _paste_bounds_kernel[(T, triton.cdiv(Q, BLOCK_RANKS))](
-        logits, row_idx, col_idx, boxes, tiles, order, flags,
-        V, Q, h, w, H, W, threshold - BOUND_MARGIN, threshold + BOUND_MARGIN,
-        BLOCK=BLOCK_RANKS,
-    )
-    # Survivors in rank order, up to and including the first query that is on over the whole tile.
-    rank = torch.arange(Q, device=device)
-    certain = (flags & 2) != 0
-    first_certain = torch.where(certain.any(1), certain.to(torch.uint8).argmax(1), Q)
-    keep = ((flags & 1) != 0) & (rank[None] <= first_certain[:, None])
-    slot = torch.sort(torch.where(keep, rank[None], Q + rank[None]), dim=1).values % Q  # kept ranks first
-    survivors = order.long()[slot].to(torch.int32).contiguous()
-    n_survivors = keep.sum(1).to(torch.int32)
-
     id_map = torch.empty(H, W, dtype=torch.int32, device=device)
     prob_sum = torch.zeros(Q, dtype=torch.float64, device=device)
     area = torch.zeros(Q, dtype=torch.int64, device=device)
     evaluated = torch.zeros(1, dtype=torch.int64, device=device)
-    _paste_pixels_kernel[(T,)](
-        logits, row_idx, row_w, col_idx, col_w, boxes, tiles, survivors, n_survivors,
-        id_map, prob_sum, area, evaluated,
-        V, Q, h, w, H, W, threshold,
-        SCORE_MODE=score_mode, TILE_SIDE=TILE, num_warps=8,
-    )
+    with torch.cuda.device_of(logits):
+        _paste_bounds_kernel[(T, triton.cdiv(Q, BLOCK_RANKS))](
+            logits, row_idx, col_idx, boxes, tiles, order, flags,
+            V, Q, h, w, H, W, threshold - BOUND_MARGIN, threshold + BOUND_MARGIN,
+            BLOCK=BLOCK_RANKS,
+        )
+        # Survivors in rank order, up to and including the first query that is on over the whole tile.
+        rank = torch.arange(Q, device=device)
+        certain = (flags & 2) != 0
+        first_certain = torch.where(certain.any(1), certain.to(torch.uint8).argmax(1), Q)
+        keep = ((flags & 1) != 0) & (rank[None] <= first_certain[:, None])
+        slot = torch.sort(torch.where(keep, rank[None], Q + rank[None]), dim=1).values % Q  # kept ranks first
+        survivors = order.long()[slot].to(torch.int32).contiguous()
+        n_survivors = keep.sum(1).to(torch.int32)
+        _paste_pixels_kernel[(T,)](
+            logits, row_idx, row_w, col_idx, col_w, boxes, tiles, survivors, n_survivors,
+            id_map, prob_sum, area, evaluated,
+            V, Q, h, w, H, W, threshold,
+            SCORE_MODE=score_mode, TILE_SIDE=TILE, num_warps=8,
+        )
     return id_map, prob_sum, area, evaluated

@@ -25,12 +25,14 @@ survivors in descending class score and stops at the first that is on.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Sequence
 
 import torch
 
-from ._dispatch import has_compiled_op, has_cuda_kernels, resolve, triton_usable
+from ._dispatch import has_compiled_op, has_cuda_kernels, register_op, resolve, triton_usable
 
 SCORE_MODES = ("mean_prob", "original")
 STRIDE = 4  # mask logits are at 1/4 of the padded network input
@@ -116,8 +118,9 @@ def _axis_taps(low: int, cut: int, out: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _rank_order(class_scores: torch.Tensor) -> torch.Tensor:
-    """Query ids by descending class score; equal scores keep ascending query index."""
-    return torch.sort(class_scores.detach().double().cpu(), descending=True, stable=True).indices
+    """Query ids by descending class score; equal scores keep ascending query index (on the scores'
+    device: no host synchronisation)."""
+    return torch.sort(class_scores.detach().double(), descending=True, stable=True).indices
 
 
 def _tile_breaks(length: int, edges: Sequence[int], tile: int) -> torch.Tensor:
@@ -135,8 +138,27 @@ def _tile_breaks(length: int, edges: Sequence[int], tile: int) -> torch.Tensor:
 # Input checks (shared by the reference and the fast paths).
 
 
+def _int_rows(value, cols: int, name: str) -> list[list[int]]:
+    """Rows of `cols` Python ints from a nested sequence or an integer tensor (read on the host)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            raise ValueError(f"{name} must hold integers, got {value.dtype}")
+        value = value.tolist()
+    try:
+        rows = [[operator.index(v) for v in row] for row in value]
+    except TypeError as exc:
+        raise ValueError(f"{name} must be rows of {cols} integers ({exc})") from None
+    if any(len(row) != cols for row in rows):
+        raise ValueError(f"{name} must be rows of {cols} integers, got {value}")
+    return rows
+
+
 def _check_inputs(view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode):
-    """Validate and return (sizes, boxes, H, W) as plain Python ints; raise ValueError with the reason."""
+    """Validate and return (sizes, boxes, H, W) as plain Python ints; raise ValueError with the reason.
+
+    Reads only metadata and the host-side geometry (sizes, boxes and out_size: Python ints or CPU
+    tensors), so it never waits for the device.
+    """
     if not isinstance(view_logits, torch.Tensor) or view_logits.dim() != 4:
         got = getattr(view_logits, "shape", type(view_logits))
         raise ValueError(f"view_logits must be a V x Q x h x w tensor, got {got}")
@@ -150,15 +172,12 @@ def _check_inputs(view_logits, view_sizes, view_boxes, class_scores, out_size, m
     H, W = (int(s) for s in out_size)
     if H < 1 or W < 1:
         raise ValueError(f"out_size must be positive, got {(H, W)}")
-    sizes = torch.as_tensor(view_sizes).detach().cpu()
-    boxes = torch.as_tensor(view_boxes).detach().cpu()
-    if sizes.shape != (V, 2):
-        raise ValueError(f"view_sizes must be V x 2 = {V} x 2 (rows, cols), got {tuple(sizes.shape)}")
-    if boxes.shape != (V, 4):
-        raise ValueError(f"view_boxes must be V x 4 = {V} x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
-    if sizes.is_floating_point() or boxes.is_floating_point():
-        raise ValueError("view_sizes and view_boxes must hold integers")
-    sizes, boxes = sizes.tolist(), boxes.tolist()
+    sizes = _int_rows(view_sizes, 2, "view_sizes")
+    boxes = _int_rows(view_boxes, 4, "view_boxes")
+    if len(sizes) != V:
+        raise ValueError(f"view_sizes must be V x 2 = {V} x 2 (rows, cols), got {len(sizes)} rows")
+    if len(boxes) != V:
+        raise ValueError(f"view_boxes must be V x 4 = {V} x 4 (x0, y0, x1, y1), got {len(boxes)} rows")
     for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
         if not (1 <= rows <= STRIDE * h and 1 <= cols <= STRIDE * w):
             raise ValueError(
@@ -170,9 +189,9 @@ def _check_inputs(view_logits, view_sizes, view_boxes, class_scores, out_size, m
                 f"view {v}: box (x0, y0, x1, y1) = {(x0, y0, x1, y1)} must be non-empty and inside the output "
                 f"{W} x {H} (W x H)"
             )
-    class_scores = torch.as_tensor(class_scores)
-    if class_scores.shape != (Q,):
-        raise ValueError(f"class_scores must have shape (Q,) = ({Q},), got {tuple(class_scores.shape)}")
+    if not isinstance(class_scores, torch.Tensor) or class_scores.shape != (Q,):
+        got = tuple(class_scores.shape) if isinstance(class_scores, torch.Tensor) else type(class_scores).__name__
+        raise ValueError(f"class_scores must be a tensor of shape (Q,) = ({Q},), got {got}")
     if not math.isfinite(float(mask_threshold)):
         raise ValueError(f"mask_threshold must be finite, got {mask_threshold}")
     if score_mode not in SCORE_MODES:
@@ -315,11 +334,21 @@ _PREFERENCE = (
 _TILE = {"cpu": 64, "cuda": 32, "triton": 32}
 
 
-def _paste_fast(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend):
-    """Run a fast path ("cpu", "cuda" or "triton"); returns (id_map, scores, areas, pairs_evaluated)."""
+@functools.lru_cache(maxsize=8)
+def _device_plan(sizes: tuple, boxes: tuple, h: int, w: int, H: int, W: int, tile: int, device: torch.device):
+    """`_plan` on `device`, cached per geometry: repeated calls (video, a fixed input size, CUDA-graph
+    capture after a warm-up call) copy nothing to the device. At most 8 geometries are kept (about
+    1.7 MB each for 5 views of an 8000 x 6000 output)."""
+    return tuple(t.to(device) for t in _plan(sizes, boxes, h, w, H, W, tile))
+
+
+def _paste_kernels(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend):
+    """Run a fast path ("cpu", "cuda" or "triton"): (id_map, scores, areas, pairs evaluated (1,) int64),
+    all on the logits' device, without a host synchronisation."""
     V, Q, h, w = view_logits.shape
     device = view_logits.device
-    plan = [t.to(device) for t in _plan(sizes, boxes, h, w, H, W, _TILE[backend])]
+    key = tuple(map(tuple, sizes)), tuple(map(tuple, boxes))
+    plan = _device_plan(*key, h, w, H, W, _TILE[backend], device)
     order = _rank_order(class_scores).to(device, torch.int32)
     args = (view_logits.detach().to(torch.float32).contiguous(), *plan, order, float(mask_threshold),
             SCORE_MODES.index(score_mode))
@@ -329,7 +358,50 @@ def _paste_fast(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, s
         id_map, prob_sum, area, evaluated = paste_entities_fwd(*args)
     else:
         id_map, prob_sum, area, evaluated = torch.ops.cropformer_C.paste_entities(*args)
-    return id_map, _scores(class_scores, prob_sum, area, score_mode), area, int(evaluated.item())
+    return id_map, _scores(class_scores, prob_sum, area, score_mode), area, evaluated
+
+
+def _paste_fast(view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend):
+    """`_paste_kernels` with the number of (pixel, query) pairs evaluated as an int (for tests and
+    benchmarks of the pruning; reading it waits for the device)."""
+    id_map, scores, area, evaluated = _paste_kernels(
+        view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend
+    )
+    return id_map, scores, area, int(evaluated.item())
+
+
+@torch.library.custom_op("cropformer::paste_entities", mutates_args=())
+def _paste_op(
+    view_logits: torch.Tensor, class_scores: torch.Tensor, view_sizes: list[int], view_boxes: list[int],
+    out_size: list[int], mask_threshold: float, score_mode: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`paste_entities` with a resolved backend and the geometry flattened (V x 2 sizes, V x 4 boxes):
+    one opaque node for torch.compile, whatever the backend (the reference loops over row chunks)."""
+    V = view_logits.shape[0]
+    sizes = [view_sizes[2 * v : 2 * v + 2] for v in range(V)]
+    boxes = [view_boxes[4 * v : 4 * v + 4] for v in range(V)]
+    H, W = out_size
+    if backend == "torch":
+        return paste_entities_ref(view_logits, sizes, boxes, class_scores, (H, W), mask_threshold, score_mode)
+    id_map, scores, area, _ = _paste_kernels(
+        view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, backend
+    )
+    return id_map, scores, area
+
+
+@_paste_op.register_fake
+def _(view_logits, class_scores, view_sizes, view_boxes, out_size, mask_threshold, score_mode, backend):
+    Q = view_logits.shape[1]
+    return (view_logits.new_empty(out_size, dtype=torch.int32), view_logits.new_empty(Q, dtype=torch.float32),
+            view_logits.new_empty(Q, dtype=torch.int64))
+
+
+def _choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve("paste_entities", backend, device, dtype, _PREFERENCE)
+
+
+# A property of the process, not of traced values: torch.compile bakes the answer in (see ops/point_mask.py).
+_choose._dynamo_marked_constant = True
 
 
 def paste_entities(
@@ -350,8 +422,9 @@ def paste_entities(
         view_sizes: V x 2 ints, each view's resized, unpadded size (rows, cols) in network-input pixels.
         view_boxes: V x 4 ints, each view's footprint (x0, y0, x1, y1) in output pixels, x1/y1
             exclusive; must lie inside the output. For CropFormer: the full view covers the output,
-            the crops their crop boxes; Mask2Former: one view covering the output.
-        class_scores: Q, the entity probability of each query (decides who wins a pixel).
+            the crops their crop boxes; Mask2Former: one view covering the output. Sizes and boxes are
+            host-side geometry: Python ints (constants under torch.compile) or CPU tensors.
+        class_scores: Q tensor, the entity probability of each query (decides who wins a pixel).
         out_size: (H, W) of the output.
         mask_threshold: a query is on where its fused probability is > this.
         score_mode: "mean_prob" (ours): class score x mean fused probability over the final mask;
@@ -367,17 +440,53 @@ def paste_entities(
 
     Fused probability per pixel = mean over covering views of sigmoid(resized logit); ties in class
     score go to the lower query index. Raises ValueError on bad inputs (boxes outside the output,
-    mismatched V or Q, an empty output).
+    mismatched V or Q, an empty output). Not differentiable. Runs as the custom op
+    `torch.ops.cropformer.paste_entities` (a fake implementation gives the output shapes), so
+    `torch.compile(fullgraph=True)` of post-processing keeps one graph. On a GPU the fast paths
+    never wait for the device: the query order is sorted there and each geometry's plan is copied
+    once (`_device_plan`).
     """
     sizes, boxes, H, W = _check_inputs(
         view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode
     )
-    choice = resolve("paste_entities", backend, view_logits.device, view_logits.dtype, _PREFERENCE)
-    if choice == "torch":
-        return paste_entities_ref(
-            view_logits, view_sizes, view_boxes, class_scores, out_size, mask_threshold, score_mode
-        )
-    id_map, scores, area, _ = _paste_fast(
-        view_logits, sizes, boxes, class_scores, H, W, mask_threshold, score_mode, choice
+    choice = _choose(backend, view_logits.device, view_logits.dtype)
+    return _paste_op(
+        view_logits.detach(), class_scores.detach(), [v for s in sizes for v in s], [v for b in boxes for v in b],
+        [H, W], float(mask_threshold), score_mode, choice,
     )
-    return id_map, scores, area
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-test of the fast paths (run by `_dispatch` before a backend is trusted on a device and dtype).
+
+
+def _selftest_problem(device: torch.device, dtype: torch.dtype):
+    """A fixed small problem: 2 views (full image + a crop at the border), 5 queries with distinct
+    scores, 7 x 9 logits, a 23 x 29 output. Every fused probability lies at least 5e-4 from the
+    threshold 0.5 (checked in tests/ops/test_paste.py; float32 rounding moves them by ~1e-6), so the
+    float32 kernels must reproduce the float64 reference's id map exactly."""
+    g = torch.Generator().manual_seed(31)
+    logits = (torch.randn(2, 5, 7, 9, generator=g) * 4).to(dtype)
+    sizes = [[27, 36], [25, 33]]
+    boxes = [[0, 0, 29, 23], [12, 9, 29, 23]]
+    scores = torch.tensor([0.3, 0.9, 0.5, 0.7, 0.1])
+    return logits.to(device), sizes, boxes, scores.to(device), (23, 29)
+
+
+def _selftest(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    logits, sizes, boxes, scores, out_size = _selftest_problem(device, dtype)
+    for score_mode in SCORE_MODES:
+        id_map, sc, area = paste_entities(logits, sizes, boxes, scores, out_size, score_mode=score_mode,
+                                          backend=backend)
+        exp_id, exp_sc, exp_area = paste_entities_ref(logits.double(), sizes, boxes, scores, out_size,
+                                                      score_mode=score_mode)
+        where = f"paste_entities self-test ({backend}, {device}, {dtype}, {score_mode})"
+        diff = id_map.cpu() != exp_id.cpu()
+        if diff.any():
+            raise AssertionError(f"{where}: {int(diff.sum())} pixels differ, first {diff.nonzero()[:3].tolist()}")
+        torch.testing.assert_close(area.cpu(), exp_area.cpu(), rtol=0, atol=0, msg=lambda m: f"{where}, areas: {m}")
+        torch.testing.assert_close(sc.double().cpu(), exp_sc.double().cpu(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{where}, scores: {m}")
+
+
+register_op("paste_entities", _PREFERENCE, _selftest)

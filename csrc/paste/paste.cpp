@@ -11,6 +11,17 @@
 
 #include "paste/paste.h"
 
+// A value-range condition (bool scalar tensor): checked on the host for CPU tensors (a clear error);
+// on the device for CUDA tensors (at::_assert_async: no host synchronisation, so the op can be
+// captured in a CUDA graph; a violation is a device-side assert before the kernel runs).
+static void check_values(const at::Tensor& ok, const char* what) {
+  if (ok.is_cuda()) {
+    at::_assert_async(ok, what);
+  } else {
+    TORCH_CHECK(ok.item<bool>(), "paste_entities: ", what);
+  }
+}
+
 // Shape, dtype, device and value-range checks shared with the CUDA entry (declared there).
 void paste_entities_check(const at::Tensor& logits, const at::Tensor& row_idx, const at::Tensor& row_w,
                           const at::Tensor& col_idx, const at::Tensor& col_w, const at::Tensor& boxes,
@@ -41,15 +52,15 @@ void paste_entities_check(const at::Tensor& logits, const at::Tensor& row_idx, c
   TORCH_CHECK(col_breaks.dim() == 1 && col_breaks.size(0) >= 2 && col_breaks.scalar_type() == at::kInt,
               "col_breaks must be int32 with at least 2 entries");
   TORCH_CHECK(score_mode == 0 || score_mode == 1, "score_mode must be 0 (mean_prob) or 1 (original)");
-  // Value ranges (one small reduction each): every tap index must address the low-res maps.
-  TORCH_CHECK(row_idx.min().item<int>() >= 0 && row_idx.max().item<int>() < h, "row_idx out of range");
-  TORCH_CHECK(col_idx.min().item<int>() >= 0 && col_idx.max().item<int>() < w, "col_idx out of range");
-  TORCH_CHECK(order.min().item<int>() >= 0 && order.max().item<int>() < Q, "order out of range");
-  const auto rb = row_breaks.cpu(), cb = col_breaks.cpu();
-  TORCH_CHECK(rb[0].item<int>() == 0 && rb[-1].item<int>() == H && (rb.diff() > 0).all().item<bool>(),
-              "row_breaks must increase strictly from 0 to H");
-  TORCH_CHECK(cb[0].item<int>() == 0 && cb[-1].item<int>() == W && (cb.diff() > 0).all().item<bool>(),
-              "col_breaks must increase strictly from 0 to W");
+  // Value ranges (one small reduction each): every tap index must address the low-res maps, the tile
+  // edges must cover the output.
+  check_values(((row_idx >= 0) & (row_idx < h)).all(), "row_idx out of range");
+  check_values(((col_idx >= 0) & (col_idx < w)).all(), "col_idx out of range");
+  check_values(((order >= 0) & (order < Q)).all(), "order out of range");
+  check_values((row_breaks[0] == 0) & (row_breaks[-1] == H) & (row_breaks.diff() > 0).all(),
+               "row_breaks must increase strictly from 0 to H");
+  check_values((col_breaks[0] == 0) & (col_breaks[-1] == W) & (col_breaks.diff() > 0).all(),
+               "col_breaks must increase strictly from 0 to W");
 }
 
 namespace {
@@ -147,9 +158,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paste_entities_cpu(
   return {id_map, prob_sum, area, evaluated};
 }
 
+// Launch configuration of the CUDA kernel's shared memory for num_queries queries (the arithmetic of
+// paste_cuda.cu, compiled here so that CPU tests check it): (static bytes = sizeof(TileShared),
+// dynamic bytes, mode of cf_paste::smem_mode for the given limits).
+std::tuple<int64_t, int64_t, int64_t> paste_entities_smem(int64_t num_queries, int64_t default_limit,
+                                                          int64_t optin_limit) {
+  const size_t stat = sizeof(cf_paste::TileShared), dyn = cf_paste::dynamic_smem_bytes(num_queries);
+  return {(int64_t)stat, (int64_t)dyn, cf_paste::smem_mode(stat, dyn, (size_t)default_limit, (size_t)optin_limit)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cropformer_C, m) {
+  m.def("paste_entities_smem(int num_queries, int default_limit, int optin_limit) -> (int, int, int)");
   m.def(
       "paste_entities(Tensor logits, Tensor row_idx, Tensor row_w, Tensor col_idx, Tensor col_w, Tensor boxes, "
       "Tensor row_breaks, Tensor col_breaks, Tensor order, float threshold, int score_mode) "
@@ -157,3 +178,5 @@ TORCH_LIBRARY_FRAGMENT(cropformer_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(cropformer_C, CPU, m) { m.impl("paste_entities", &paste_entities_cpu); }
+
+TORCH_LIBRARY_IMPL(cropformer_C, CompositeExplicitAutograd, m) { m.impl("paste_entities_smem", &paste_entities_smem); }

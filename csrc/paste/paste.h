@@ -14,6 +14,29 @@
 
 namespace cf_paste {
 
+// Views per call of the CUDA kernel (its per-tile list of covering views lives in shared memory).
+constexpr int kMaxViews = 64;
+
+// Static shared memory of the CUDA kernel's block: the views covering its tile and three counters.
+struct TileShared {
+  int views[kMaxViews];
+  int nv, ns;
+  unsigned long long eval;
+};
+
+// Dynamic shared memory of the CUDA kernel's block for Q queries: per query a double score sum, a
+// uint area, an int survivor and a uchar flag.
+inline size_t dynamic_smem_bytes(long long Q) { return (size_t)Q * (sizeof(double) + 2 * sizeof(int) + 1); }
+
+// How the CUDA kernel is launched, from its static + dynamic shared memory per block: 0 = within
+// the default limit (48 KiB), 1 = needs the opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize,
+// up to the device's sharedMemPerBlockOptin), -1 = too much for this device.
+inline int smem_mode(size_t static_bytes, size_t dynamic_bytes, size_t default_limit, size_t optin_limit) {
+  const size_t total = static_bytes + dynamic_bytes;
+  if (total <= default_limit) return 0;
+  return total <= optin_limit ? 1 : -1;
+}
+
 // Margin (in probability) on the tile pruning tests, larger than the float32 rounding of the
 // interpolation, so that pruning never changes the result of the exact per-pixel evaluation.
 constexpr float kBoundMargin = 1e-4f;

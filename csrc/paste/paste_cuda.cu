@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,7 +25,6 @@ void paste_entities_check(const at::Tensor& logits, const at::Tensor& row_idx, c
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxViews = 64;
 
 __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __restrict__ ri,
                                       const float* __restrict__ rw, const int* __restrict__ ci,
@@ -33,15 +33,14 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
                                       const int* __restrict__ order, int V, int Q, int h, int w, int H, int W, int C,
                                       float thr, int mode, int* __restrict__ out, double* __restrict__ prob_sum,
                                       unsigned long long* __restrict__ area, unsigned long long* __restrict__ evaluated) {
-  // Dynamic shared memory: per-query sums (double, declared first for alignment), areas (uint),
-  // survivors (int), flags (uchar).
+  // Dynamic shared memory (cf_paste::dynamic_smem_bytes): per-query sums (double, declared first for
+  // alignment), areas (uint), survivors (int), flags (uchar). Static: cf_paste::TileShared.
   extern __shared__ double s_sum[];
   unsigned int* s_area = reinterpret_cast<unsigned int*>(s_sum + Q);
   int* s_surv = reinterpret_cast<int*>(s_area + Q);
   unsigned char* s_flag = reinterpret_cast<unsigned char*>(s_surv + Q);
-  __shared__ int s_views[kMaxViews];
-  __shared__ int s_nv, s_ns;
-  __shared__ unsigned long long s_eval;
+  __shared__ cf_paste::TileShared sh;
+  int* s_views = sh.views;
 
   const long long view_stride = (long long)Q * h * w, query_stride = (long long)h * w;
   const int tile = blockIdx.x;
@@ -54,15 +53,15 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
         s_views[nv++] = v;
       }
     }
-    s_nv = nv;
-    s_eval = 0;
+    sh.nv = nv;
+    sh.eval = 0;
   }
   for (int q = tid; q < Q; q += blockDim.x) {
     s_sum[q] = 0.0;
     s_area[q] = 0;
   }
   __syncthreads();
-  const int nv = s_nv;
+  const int nv = sh.nv;
   if (nv > 0) {
     const float thr_lo = thr - cf_paste::kBoundMargin, thr_hi = thr + cf_paste::kBoundMargin;
     for (int r = tid; r < Q; r += blockDim.x) {
@@ -80,10 +79,10 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
       if (s_flag[r] & 1) s_surv[ns++] = order[r];
       if (s_flag[r] & 2) break;
     }
-    s_ns = ns;
+    sh.ns = ns;
   }
   __syncthreads();
-  const int ns = s_ns, tw = xb - xa, n = (yb - ya) * tw;
+  const int ns = sh.ns, tw = xb - xa, n = (yb - ya) * tw;
   unsigned long long eval = 0;
   for (int p = tid; p < n; p += blockDim.x) {
     const int y = ya + p / tw, x = xa + p % tw;
@@ -102,7 +101,7 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
     }
     out[(long long)y * W + x] = id;
   }
-  atomicAdd(&s_eval, eval);
+  atomicAdd(&sh.eval, eval);
   __syncthreads();
   for (int q = tid; q < Q; q += blockDim.x) {
     if (s_area[q] > 0) {
@@ -110,7 +109,7 @@ __global__ void paste_entities_kernel(const float* __restrict__ L, const int* __
       atomicAdd(&area[q], (unsigned long long)s_area[q]);
     }
   }
-  if (tid == 0) atomicAdd(evaluated, s_eval);
+  if (tid == 0) atomicAdd(evaluated, sh.eval);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paste_entities_cuda(
@@ -123,9 +122,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paste_entities_cuda(
   const int V = logits.size(0), Q = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int H = row_idx.size(1), W = col_idx.size(1);
   const int R = row_breaks.size(0) - 1, C = col_breaks.size(0) - 1;
-  TORCH_CHECK(V <= kMaxViews, "paste_entities (CUDA): at most ", kMaxViews, " views, got ", V);
-  const size_t smem = (size_t)Q * (sizeof(double) + 2 * sizeof(int) + 1);
-  TORCH_CHECK(smem <= 48 * 1024, "paste_entities (CUDA): too many queries for shared memory (Q = ", Q, ")");
+  TORCH_CHECK(V <= cf_paste::kMaxViews, "paste_entities (CUDA): at most ", cf_paste::kMaxViews, " views, got ", V);
+  // Shared memory per block = the kernel's static part (as compiled) + Q-dependent dynamic part; past
+  // the default 48 KiB the kernel opts in to the device's larger limit.
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, paste_entities_kernel));
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t smem = cf_paste::dynamic_smem_bytes(Q);
+  const int mode = cf_paste::smem_mode(attr.sharedSizeBytes, smem, prop->sharedMemPerBlock, prop->sharedMemPerBlockOptin);
+  TORCH_CHECK(mode >= 0, "paste_entities (CUDA): ", Q, " queries need ", attr.sharedSizeBytes + smem,
+              " bytes of shared memory per block, this GPU allows ", prop->sharedMemPerBlockOptin);
+  if (mode == 1) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(paste_entities_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
   TORCH_CHECK((long long)R * C < (1LL << 31), "paste_entities (CUDA): too many tiles");
 
   auto id_map = at::empty({H, W}, logits.options().dtype(at::kInt));

@@ -124,13 +124,22 @@ def assert_id_maps_match(actual, expected, fused, threshold=0.5, name="id_map"):
 
 
 def assert_results_match(actual, expected, fused, threshold=0.5, name=""):
+    """Id maps as in `assert_id_maps_match`, with few flips (at most 0.2% of the output, + 2); areas and
+    scores of every query that owns no flipped pixel in either map equal (scores to 1e-5); the areas
+    of the others off by at most the flips."""
     n_diff, n_near = assert_id_maps_match(actual[0], expected[0], fused, threshold, name=f"{name} id_map")
     assert actual[0].dtype == torch.int32 and actual[2].dtype == torch.int64
-    if n_diff == 0:
-        assert torch.equal(actual[2].cpu(), expected[2].cpu()), f"{name} areas {actual[2]} != {expected[2]}"
-        assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-5, name=f"{name} scores")
-    else:  # flipped pixels change the areas by at most their number
-        assert (actual[2].cpu() - expected[2].cpu()).abs().sum() <= 2 * n_diff
+    ids, exp_ids = actual[0].cpu(), expected[0].cpu()
+    assert n_diff <= 0.002 * ids.numel() + 2, f"{name}: {n_diff} of {ids.numel()} pixels flipped"
+    diff = ids != exp_ids
+    affected = torch.zeros(fused.shape[0] + 1, dtype=torch.bool)
+    affected[ids[diff].long()] = True
+    affected[exp_ids[diff].long()] = True
+    kept = ~affected[1:]
+    area, exp_area = actual[2].cpu(), expected[2].cpu()
+    assert torch.equal(area[kept], exp_area[kept]), f"{name} areas {area} != {exp_area}"
+    assert_close(actual[1].cpu()[kept], expected[1].cpu()[kept], rtol=1e-5, atol=1e-5, name=f"{name} scores")
+    assert (area - exp_area).abs().sum() <= 2 * n_diff
     return n_diff, n_near
 
 
@@ -329,7 +338,10 @@ def test_gpu_kernels_match_reference(backend, score_mode, V, Q, H, W):
         (lambda a: a.update(view_boxes=[[0, 0, 32, 31]]), "view_boxes must be V x 4"),
         (lambda a: a.update(view_sizes=[[44, 52]]), "view_sizes must be V x 2"),
         (lambda a: a.update(view_sizes=[[44, 52], [45, 52]]), "padded size"),
-        (lambda a: a.update(class_scores=torch.rand(4)), r"class_scores must have shape \(Q,\)"),
+        (lambda a: a.update(class_scores=torch.rand(4)), r"class_scores must be a tensor of shape \(Q,\)"),
+        (lambda a: a.update(class_scores=[0.1, 0.2, 0.3]), "class_scores must be a tensor"),
+        (lambda a: a.update(view_sizes=[[44, 52], [40.5, 50]]), "view_sizes must be rows of 2 integers"),
+        (lambda a: a.update(view_boxes=torch.zeros(2, 4)), "view_boxes must hold integers"),
         (lambda a: a.update(out_size=(0, 32)), "out_size must be positive"),
         (lambda a: a.update(view_logits=torch.randn(2, 3, 11)), "V x Q x h x w"),
         (lambda a: a.update(view_logits=torch.randn(2, 0, 11, 13)), "must not be empty"),
@@ -378,20 +390,219 @@ print(json.dumps({"elapsed": elapsed, "before": before, "peak": peak, "inputs": 
 """
 
 
-def test_large_output_time_and_memory():
-    """8000 x 6000 output, Q = 100, 5 views, CPU: a few seconds, and peak RSS growth during the call
-    below output + 256 MB (the inputs already exist before the call; peak = VmHWM reset right before
-    the call, in a fresh process)."""
-    compiled_or_skip()
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, str(REPO)], capture_output=True, text=True, env=env,
-                         timeout=600)
+def _run_large_output() -> dict:
+    out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, str(REPO)], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    grown = r["peak"] - r["before"]
-    print(f"8000x6000 Q=100 V=5: {r['elapsed']:.2f} s, peak RSS growth {grown / 2**20:.0f} MB "
+    print(f"8000x6000 Q=100 V=5: {r['elapsed']:.2f} s, peak RSS growth {(r['peak'] - r['before']) / 2**20:.0f} MB "
           f"(output {r['output'] / 2**20:.0f} MB, inputs {r['inputs'] / 2**20:.0f} MB), "
           f"{r['entities']} entities cover {100 * r['covered']:.0f}%")
     assert r["entities"] > 10 and r["covered"] > 0.3  # a real workload, not an empty map
-    assert grown < r["output"] + 256 * 2**20
-    assert r["elapsed"] < 15.0
+    return r
+
+
+def test_large_output_memory():
+    """8000 x 6000 output, Q = 100, 5 views, CPU: peak RSS growth during the call below output + 256 MB
+    (the inputs already exist before the call; peak = VmHWM reset right before the call, in a fresh
+    process)."""
+    compiled_or_skip()
+    r = _run_large_output()
+    assert r["peak"] - r["before"] < r["output"] + 256 * 2**20
+
+
+@pytest.mark.bench
+def test_large_output_time():
+    """The same run within 15 s (a timing: `pytest -m bench`, never in the default suite)."""
+    compiled_or_skip()
+    assert _run_large_output()["elapsed"] < 15.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. GPU-path properties checkable on CPU: shared memory, launch device, no host synchronisation.
+
+
+# (default limit, opt-in limit) per block: every NVIDIA GPU since Volta (48 KiB), and the opt-in of
+# sm_86/89 (99 KiB), A100 (163 KiB), H100/H200 (227 KiB).
+@pytest.mark.parametrize("optin_kib", [99, 163, 227])
+def test_cuda_paste_shared_memory_counts_static_and_dynamic(optin_kib):
+    """The CUDA kernel's launch configuration (csrc/paste/paste.h, compiled into the CPU extension) counts
+    the block's static shared memory with the per-query dynamic part: no query count fits the check and
+    then fails at launch. The old check (dynamic <= 48 KiB alone) let Q = 2876..2891 through."""
+    compiled_or_skip()
+    smem = torch.ops.cropformer_C.paste_entities_smem
+    default, optin = 48 * 1024, optin_kib * 1024
+    static = smem(1, default, optin)[0]
+    assert static >= 64 * 4 + 16  # the views list (64 ints) and the three counters
+    for q in [1, 100, 200, 2875, 2876, 2880, 2891, 2892, 5000, 5997, 5998, 9999, 13000, 13682, 13683, 20000]:
+        s, dynamic, mode = smem(q, default, optin)
+        assert s == static and dynamic == 17 * q  # double sum, uint area, int survivor, uchar flag
+        expected = 0 if static + dynamic <= default else (1 if static + dynamic <= optin else -1)
+        assert mode == expected, (q, static, dynamic, mode)
+    assert smem(2880, default, optin)[2] == 1  # within 48 KiB alone, but not with the static part
+
+
+def _spy_device_of(monkeypatch):
+    seen = []
+    real = torch.cuda.device_of
+
+    def spy(obj):
+        seen.append(obj.device)
+        return real(obj)
+
+    monkeypatch.setattr(torch.cuda, "device_of", spy)
+    return seen
+
+
+def test_triton_launch_runs_on_the_logits_device(monkeypatch):
+    """The Triton launcher enters the logits' device (a no-op on CPU, recorded here), not the current one."""
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    seen = _spy_device_of(monkeypatch)
+    logits, sizes, boxes, scores = random_inputs(2, 3, 19, 23)
+    paste_entities(logits, sizes, boxes, scores, (19, 23), backend="triton")
+    assert seen == [torch.device("cpu")]
+
+
+class _NoSync:
+    """Raises on the Tensor methods that make a CUDA host wait (item, tolist, cpu, numpy, bool/int/float
+    conversion) while `active`: run on CPU, it finds the host synchronisations a GPU path would have."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.active = False
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+
+            def guarded(t, *args, _real=real, _name=name, **kwargs):
+                if self.active:
+                    raise AssertionError(f"host synchronisation: Tensor.{_name}")
+                return _real(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, guarded)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fast_paths_never_wait_for_the_device(backend, monkeypatch):
+    """After a first call with a geometry (its plan is then cached on the device), the Python side of the
+    fast paths reads nothing back from the device: CUDA-graph capture and asynchronous launches work.
+    (The compiled kernels themselves are excluded: the C++ entry checks values on the device with
+    at::_assert_async for CUDA tensors; the Triton interpreter copies to numpy.)"""
+    if backend == "cpu":
+        compiled_or_skip()
+    elif not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    import cropformer.kernels.paste as kpaste
+
+    logits, sizes, boxes, scores = random_inputs(2, 5, 29, 31)
+    expected = paste_entities(logits, sizes, boxes, scores, (29, 31), backend=backend)  # warm-up
+    guard = _NoSync(monkeypatch)
+    if backend == "cpu":
+        real_op = torch.ops.cropformer_C.paste_entities
+
+        def compiled_op(*args):
+            guard.active = False
+            out = real_op(*args)
+            guard.active = True
+            return out
+
+        monkeypatch.setattr(torch.ops.cropformer_C, "paste_entities", compiled_op)
+    else:
+        for name in ("_paste_bounds_kernel", "_paste_pixels_kernel"):
+            kernel = getattr(kpaste, name)
+
+            class Launch:
+                def __getitem__(self, grid, _kernel=kernel):
+                    def launch(*args, **kwargs):
+                        guard.active = False
+                        _kernel[grid](*args, **kwargs)
+                        guard.active = True
+
+                    return launch
+
+            monkeypatch.setattr(kpaste, name, Launch())
+    guard.active = True
+    try:
+        out = paste_entities(logits, sizes, boxes, scores, (29, 31), backend=backend)
+    finally:
+        guard.active = False
+    for a, e in zip(out, expected):
+        assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Custom op: opcheck, torch.compile, self-test.
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_custom_op_passes_opcheck(backend):
+    if backend == "cpu":
+        compiled_or_skip()
+    elif backend == "triton" and not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    logits, sizes, boxes, scores = random_inputs(2, 4, 17, 19)
+    args = (logits, scores, [v for s in sizes for v in s], [v for b in boxes for v in b], [17, 19], 0.5,
+            "original", backend)
+    torch.library.opcheck(torch.ops.cropformer.paste_entities.default, args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_post_processing_compiles_in_one_graph(backend):
+    """Class scores from the decoder's logits, then the paste, under torch.compile(fullgraph=True):
+    the same id map, scores and areas as eager."""
+    V, Q, H, W = 5, 7, 41, 37
+    logits, sizes, boxes, _ = random_inputs(V, Q, H, W, seed=4)
+    class_logits = torch.randn(Q, 2, generator=torch.Generator().manual_seed(5))
+
+    def post(class_logits, mask_logits):
+        class_scores = class_logits.softmax(-1)[:, 0]
+        return paste_entities(mask_logits, sizes, boxes, class_scores, (H, W), score_mode="original",
+                              backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(post, fullgraph=True)(class_logits, logits)
+    eager = post(class_logits, logits)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[2], eager[2])
+    assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7, name="scores")
+
+
+def test_selftest_problem_is_far_from_the_threshold():
+    """The self-test demands an exact id map, which is fair only if no fused probability lies near the
+    threshold: at least 5e-4 away (float32 moves them by ~1e-6)."""
+    from cropformer.ops.paste import _selftest_problem
+
+    logits, sizes, boxes, scores, (H, W) = _selftest_problem(torch.device("cpu"), torch.float32)
+    fused = fused_probs(logits, sizes, boxes, H, W)
+    assert (fused - 0.5).abs().min() > 5e-4
+    id_map, _, area = paste_entities_ref(logits, sizes, boxes, scores, (H, W))
+    assert (area > 0).sum() >= 4 and (id_map == 0).any()  # several entities and some background
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_selftest_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
+    from cropformer.ops import _dispatch
+    from cropformer.ops import paste as paste_mod
+
+    if backend == "cpu":
+        compiled_or_skip()
+    elif not triton_usable(torch.device("cpu")):
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    selftest = _dispatch.SELFTESTS["paste_entities"]
+    available = {name: ok for name, ok, _ in _dispatch.PREFERENCES["paste_entities"]}[backend]
+    cpu = torch.device("cpu")
+    dtypes = [torch.float32, torch.float16] if backend == "cpu" else [torch.float32]
+    for dtype in dtypes:
+        assert available(cpu, dtype)
+        selftest(backend, cpu, dtype)
+    real = paste_mod._paste_kernels
+
+    def one_pixel_wrong(*args):
+        id_map, scores, area, evaluated = real(*args)
+        id_map = id_map.clone()
+        id_map[0, 0] = (id_map[0, 0] + 1) % (scores.numel() + 1)
+        return id_map, scores, area, evaluated
+
+    monkeypatch.setattr(paste_mod, "_paste_kernels", one_pixel_wrong)
+    with pytest.raises(AssertionError, match="paste_entities self-test"):
+        selftest(backend, cpu, torch.float32)

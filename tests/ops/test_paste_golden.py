@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cropformer.ops._dispatch import has_compiled_op
 from cropformer.ops.paste import _rank_order, paste_entities
@@ -50,10 +51,45 @@ def test_golden_inference_result(backend):
     assert ((areas == 0) == (expected_scores == 0)).all() and (areas == 0).sum() == 2
 
 
-def test_golden_count_epsilon_is_inert():
-    """The original divides the summed probabilities by (count + 1e-16); in float32 (and float64)
-    count + 1e-16 == count for every count >= 1, and uncovered pixels (count 0) do not occur here
-    (the full view covers the image), so leaving the epsilon out changes nothing."""
-    for dtype in (torch.float32, torch.float64):
-        counts = torch.arange(1, 6, dtype=dtype)
-        assert torch.equal(counts + 1e-16, counts)
+def _original_counts(logits, sizes, boxes, class_scores, H, W, threshold=0.5):
+    """Float32 transcription of the released code's fusion for views that need not cover the image:
+    per view x4, cut, resize to its box, sigmoid; summed and divided by (count + 1e-16), as
+    `inference_whole_views` does; masks painted in ascending class score. Returns the id map and the
+    fused probabilities."""
+    V, Q, h, w = logits.shape
+    fused = torch.zeros(Q, H, W)
+    valid = torch.zeros(Q, H, W) + 1e-16
+    up = F.interpolate(logits, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
+    for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes.tolist(), boxes.tolist())):
+        view = F.interpolate(up[v : v + 1, :, :rows, :cols], size=(y1 - y0, x1 - x0), mode="bilinear",
+                             align_corners=False)
+        fused[:, y0:y1, x0:x1] += view[0].sigmoid()
+        valid[:, y0:y1, x0:x1] += 1
+    fused = fused / valid
+    id_map = torch.zeros(H, W, dtype=torch.int32)
+    for q in _rank_order(class_scores).flip(0).tolist():
+        id_map[fused[q] > threshold] = q + 1
+    return id_map, fused
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_golden_views_that_leave_pixels_uncovered(backend):
+    """Our paste against the original's (count + 1e-16) division where it matters: with only two
+    opposite golden crops, two corners of the image are covered by no view (the original's 0 / 1e-16 =
+    0: no entity) and the middle by both. Pixels may differ only where a fused probability lies within
+    1e-5 of the threshold (float32 vs float64)."""
+    if backend == "cpu" and not has_compiled_op("paste_entities"):
+        pytest.skip("compiled paste_entities not built (setup.py, or CROPFORMER_JIT_OPS=paste)")
+    (logits, sizes, boxes, class_scores, (H, W)), _, _ = golden_case()
+    keep = [1, 4]  # top-left and bottom-right crops
+    logits, sizes, boxes = logits[keep].contiguous(), sizes[keep], boxes[keep]
+    expected, fused = _original_counts(logits, sizes, boxes, class_scores, H, W)
+    id_map, _, areas = paste_entities(logits, sizes, boxes, class_scores, (H, W), backend=backend)
+    uncovered = torch.ones(H, W, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes.tolist():
+        uncovered[y0:y1, x0:x1] = False
+    assert uncovered.sum() > 1000 and (id_map[uncovered] == 0).all()
+    near = ((fused - 0.5).abs() <= 1e-5).any(0)
+    diff = id_map != expected
+    assert not (diff & ~near).any(), f"{int((diff & ~near).sum())} pixels differ away from the threshold"
+    assert (expected > 0).sum() > 0.1 * H * W and torch.equal(areas.sum(), (id_map > 0).sum())
