@@ -4,16 +4,8 @@
     python infer.py --ckpt ... --input "photos/*.jpg" --out results/ --device cuda
     python infer.py --ckpt ... --input list.txt --out results/        # one image path per line
 
-For every image NAME it writes into --out:
-    NAME.png          entity id map at original resolution (0 = no entity, k = entity k; 16-bit PNG
-                      when there are more than 255 entities)
-    NAME.json         {"image": path, "height", "width", "entities": [{"id", "score", "area",
-                      "bbox" (XYWH), "segmentation" (COCO RLE)}]}
-    NAME_overlay.jpg  semi-transparent colours and entity boundaries over the image (longest side capped
-                      by --overlay-max-side to keep huge images cheap; 0 = original size)
-Images whose three outputs exist are skipped (resume); unreadable images are reported and skipped.
-Memory stays bounded on any image size: JPEGs are decoded at reduced resolution when the network needs
-fewer pixels, and the fused paste never holds per-query full-resolution maps.
+Outputs (REL.ids.png, REL.overlay.jpg, REL.json per input), resume and the failure report:
+`python infer.py --help` (cropformer/cli/infer.py).
 """
 import sys
 

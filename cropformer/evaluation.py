@@ -207,7 +207,7 @@ def validate_ground_truth(gt, source: str = "ground truth", need_file_names: boo
             problems.add(rec, "needs a unique integer 'id'")
             continue
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in sizes:
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in sizes:
             problems.add(rec, "refers to an image id that is not in 'images'")
         elif not (_is_finite(ann.get("area")) and ann["area"] >= 0):
             problems.add(rec, "needs a finite 'area' >= 0")
@@ -228,7 +228,7 @@ def validate_predictions(preds, sizes: dict[int, tuple[int, int]], source: str =
             problems.add(f"predictions[{i}]", "is not an object")
             continue
         rec = f"predictions[{i}] (image_id {p.get('image_id')})"
-        if p.get("image_id") not in sizes:
+        if not _is_int(p.get("image_id")) or p["image_id"] not in sizes:
             problems.add(rec, "refers to an image id that is not in the ground truth")
         elif not _is_finite(p.get("score")):
             problems.add(rec, f"score {p.get('score')!r} is not a finite number")

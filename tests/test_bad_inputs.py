@@ -395,6 +395,7 @@ GT_PROBLEMS = {
     "no_images": (_set(["images"], KeyError), "'images'", "missing"),
     "unrelated_object": (lambda d: d.clear() or d.update({"x": []}), "'images'", "missing"),
     "unknown_image": (_set(["annotations", 2, "image_id"], 99), "annotations[2]", "image id that is not in"),
+    "image_id_a_list": (_set(["annotations", 0, "image_id"], [1]), "annotations[0]", "image id that is not in"),
     "short_rle_counts": (_short_counts, "annotations[1]", "not height x width = 3072"),
     "long_rle_list_counts": (_set(["annotations", 0, "segmentation"], {"size": [48, 64], "counts": [3000, 5000]}),
                              "annotations[0]", "sum to 8000"),
@@ -414,6 +415,7 @@ GT_PROBLEMS = {
 
 PRED_PROBLEMS = {
     "unknown_image": (_set([0, "image_id"], 42), "predictions[0]", "not in the ground truth"),
+    "image_id_a_string": (_set([0, "image_id"], "1"), "predictions[0]", "not in the ground truth"),
     "nan_score": (_set([1, "score"], float("nan")), "predictions[1]", "not a finite number"),
     "inf_score": (_set([1, "score"], float("inf")), "predictions[1]", "not a finite number"),
     "string_score": (_set([1, "score"], "0.9"), "predictions[1]", "not a finite number"),

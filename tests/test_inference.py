@@ -108,6 +108,32 @@ def _coco_case(rng, num_images=4):
     return {"images": images, "annotations": anns, "categories": cats}, preds
 
 
+def test_compressed_rle_sums_decode_as_pycocotools():
+    """Run-length sums of compressed RLE strings (the check that keeps pycocotools from hanging) against
+    the counts pycocotools itself encodes: odd sizes, empty and full masks, runs long enough to need
+    many 5-bit groups, and strings that are not RLEs."""
+    from cropformer.evaluation import compressed_rle_sums
+
+    rng = np.random.default_rng(5)
+    strings, want = [], []
+    for h, w in [(1, 1), (3, 50000), (11000, 15)] + [tuple(rng.integers(1, 90, 2)) for _ in range(200)]:
+        mask = rng.random((h, w)) < rng.choice([0.0, 0.001, 0.5, 1.0])
+        strings.append(mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode())
+        want.append(h * w)
+    mask = np.zeros((9001, 12007), np.uint8)
+    mask[9000, 12006] = 1  # one run of 108 million: six groups
+    strings.append(mask_util.encode(np.asfortranarray(mask))["counts"].decode())
+    want.append(9001 * 12007)
+    for chunk in (1, 300, 1 << 22):  # chunking does not change the result
+        sums, mins = compressed_rle_sums(strings, chunk_chars=chunk)
+        np.testing.assert_array_equal(sums, want)
+        assert (mins >= 0).all()
+    # '0' + v: a last group of value v; 'P' (0x20 set): a group with more to come; '@' (0x10): negative.
+    sums, mins = compressed_rle_sums(["", "0", "\u00e9", strings[5][:-1] + "o", "P" * 13 + "0", "6", "0@"])
+    assert list(sums[[0, 2, 3, 4]]) == [-1] * 4  # empty, not ASCII, stops inside a number, > 60 bits
+    assert sums[1] == 0 and sums[5] == 6 and mins[6] == -16  # 0x10 | (-1 << 5)
+
+
 def test_ap_equals_direct_pycocotools_with_categories_forced():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
