@@ -143,6 +143,12 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or triton_interpret()
 
 
+def cuda_device_guard(device: torch.device):
+    """Context that makes `device` current for a Triton launch (Triton launches on the current device,
+    not the tensors'); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def cuda_build_archs() -> list[int] | None:
     """Compute capabilities (x10: 80 = sm_80) the extension's CUDA code was compiled for, None if unknown."""
     archs = getattr(compiled_extension(), "CUDA_ARCHS", "")
@@ -170,11 +176,11 @@ def cuda_arch_problem(device: torch.device) -> str | None:
 _logged: set = set()
 
 
-def _log_once(op: str, choice: str, reason: str) -> None:
+def _log_once(op: str, choice: str, reason: str, level: int = logging.INFO) -> None:
     key = (op, choice, reason)
     if key not in _logged:
         _logged.add(key)
-        logger.info("%s: backend=%s (%s)", op, choice, reason)
+        logger.log(level, "%s: backend=%s (%s)", op, choice, reason)
 
 
 Preference = Sequence[tuple[str, Callable[[torch.device, torch.dtype], bool], str]]
@@ -242,8 +248,9 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, pre
     for name, available, why in preference:
         if not _auto_may_try(name, device) or not available(device, dtype):
             continue
-        if name == "cuda" and cuda_arch_problem(device):
-            _log_once(op, "not cuda", cuda_arch_problem(device))
+        problem = cuda_arch_problem(device) if name == "cuda" else None
+        if problem:
+            _log_once(op, "not cuda", f"{problem}; falling back to the next backend", logging.WARNING)
             continue
         if verify(op, name, device, dtype) is None:
             _log_once(op, name, why)
@@ -288,12 +295,6 @@ def check_selftest(op: str, names: Sequence[str], got: Sequence[torch.Tensor], e
         bound = tol * max(1.0, e.abs().max().item() if e.numel() else 0.0)
         if not err <= bound:  # NaN fails too
             raise AssertionError(f"{op} self-test: {name} is off by {err:.3g} (tolerance {bound:.3g})")
-
-
-def cuda_device_guard(device: torch.device):
-    """Context that makes `device` current for a Triton launch (Triton launches on the current device,
-    not the tensors'); a no-op for CPU tensors (the interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class VerificationError(RuntimeError):

@@ -140,6 +140,12 @@ def _check_levels(spatial_shapes, level_start_index, S: int) -> None:
         raise ValueError(f"ms_deform_attn: spatial_shapes sum to {total} pixels but value has S = {S}")
 
 
+def _levels_checked(device: torch.device) -> bool:
+    """Validate the level integers on the host: always for CPU tensors (no sync), for CUDA tensors only
+    in debug mode (CROPFORMER_DEBUG=1), so the CUDA and Triton paths stay sync-free and capturable."""
+    return device.type != "cuda" or os.environ.get("CROPFORMER_DEBUG", "") not in ("", "0")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fast paths as custom ops (opaque to torch.compile, with fake kernels and autograd).
 # ----------------------------------------------------------------------------------------------------
@@ -229,12 +235,6 @@ _PREFERENCE = (
 
 def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return resolve("ms_deform_attn", backend, device, dtype, _PREFERENCE)
-
-
-def _levels_checked(device: torch.device) -> bool:
-    """Validate the level integers on the host: always for CPU tensors (no sync), for CUDA tensors only
-    in debug mode (CROPFORMER_DEBUG=1), so the CUDA and Triton paths stay sync-free and capturable."""
-    return device.type != "cuda" or os.environ.get("CROPFORMER_DEBUG", "") not in ("", "0")
 
 
 # Availability is a property of the process, not of the traced values: torch.compile calls this once while
