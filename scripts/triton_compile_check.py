@@ -8,8 +8,9 @@ is also compiled here the way a GPU launch would compile it:
    kernel, the argument types, the constexprs and the options (num_warps, num_stages) exactly as the
    launcher chose them. Nothing runs.
 2. Each distinct launch is compiled with Triton's compiler for each architecture
-   (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`); integer arguments equal to
-   1 are constexprs as in a real launch; pointer alignment hints are not applied (the generic variant).
+   (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`), specialised as a launch
+   specialises it: integer arguments equal to 1 are constexprs, pointers aligned to 16 bytes and
+   integers divisible by 16 carry the divisibility hint (as torch's allocations on a GPU are aligned).
 3. Resources are checked: shared memory against the architecture's per-block maximum, and, when
    ptxas is installed, registers x threads and spills as reported by `ptxas -v` on the kernel's PTX
    (parsed by scripts/cuda_resources.py).
@@ -37,7 +38,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
@@ -45,6 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_resources  # noqa: E402
 
 KERNEL_MODULES = ("ms_deform_attn", "masked_attention", "point_mask", "paste")
+
+
+def _divisible(value) -> bool:
+    """Triton's alignment specialisation: a 16-byte aligned pointer, an integer divisible by 16."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 @dataclass
@@ -55,17 +63,20 @@ class Launch:
     options: dict  # num_warps, num_stages, ...
     signature: dict = field(default_factory=dict)
     constexprs: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for i, param in enumerate(self.fn.params):
             value = self.args[param.name] if param.name in self.args else param.default
-            kind = "constexpr" if param.is_constexpr else mangle_type(value, True)  # 1 -> constexpr
-            self.signature[param.name] = kind
+            kind = "constexpr" if param.is_constexpr else mangle_type(value, not param.do_not_specialize)
+            self.signature[param.name] = kind  # an int equal to 1 is a constexpr, as in a launch
             if kind == "constexpr":
                 self.constexprs[(i,)] = value
+            elif not (param.do_not_specialize or param.do_not_specialize_on_alignment) and _divisible(value):
+                self.attrs[(i,)] = BaseBackend.parse_attr("D")
 
     def key(self):
-        return (self.fn.fn.__module__, self.fn.__name__, tuple(self.signature.items()),
+        return (self.fn.fn.__module__, self.fn.__name__, tuple(self.signature.items()), tuple(self.attrs),
                 tuple((k, repr(v)) for k, v in self.constexprs.items()), tuple(sorted(self.options.items())))
 
     def describe(self) -> str:
@@ -270,7 +281,7 @@ def compile_one(launch: Launch, arch: int) -> dict:
               "arch": arch, "launch": launch.describe(), "ok": False, "problems": [],
               "pointer_types": sorted({t for t in launch.signature.values() if t.startswith("*")})}
     try:
-        src = ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs)
+        src = ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as exc:  # a compile error of any kind is the finding: report it, go on
         record["problems"].append(f"compile error: {type(exc).__name__}: {str(exc)[-1500:]}")
