@@ -422,10 +422,13 @@ def _describe_failure(exc: BaseException, device: torch.device) -> str:
 
 def run_selftest(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Run `op`'s self-test for `backend` now: None when it passes, else the error in one line."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
     test = SELFTESTS[op]
     start = time.perf_counter()
-    # Selftests need autograd even inside no_grad / inference_mode, and must not move the user's RNG.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+    # On real tensors even when the op is first called while tracing (FakeTensorMode of torch.export,
+    # make_fx); with autograd even inside no_grad / inference_mode; without moving the user's RNG.
+    with _disable_current_modes(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             torch.inference_mode(False), torch.enable_grad():
         try:
             test(backend, device, dtype)

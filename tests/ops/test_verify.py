@@ -198,6 +198,15 @@ def test_selftest_runs_under_no_grad_and_inference_mode(fresh):
     assert _dispatch._verdicts[("masked_cross_attention", "cpu", "cpu", FP32)] is None
 
 
+def test_selftest_runs_on_real_tensors_while_tracing(fresh):
+    """An op first met while torch.export traces with fake tensors still gets a real verdict."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert verify("masked_cross_attention", "cpu", CPU, FP32) is None
+    assert _dispatch._verdicts[("masked_cross_attention", "cpu", "cpu", FP32)] is None
+
+
 def test_disk_cache(fresh, monkeypatch):
     """A pass is written to the cache folder and trusted by the next process (here: a cleared memory),
     but only for the same build; a corrupt file is ignored; failures are never written."""
