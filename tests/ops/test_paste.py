@@ -325,6 +325,27 @@ def test_gpu_kernels_match_reference(backend, score_mode, V, Q, H, W):
     assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name=backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernels_on_a_second_gpu(backend):
+    """Logits on cuda:1 while cuda:0 is current: the launches must follow the tensors."""
+    cuda_or_skip()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    if backend == "cuda":
+        compiled_or_skip()
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiled Triton needs TRITON_INTERPRET=0")
+    torch.cuda.set_device(0)
+    V, Q, H, W = 5, 100, 97, 131
+    logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=1)
+    ref = paste_entities_ref(logits, sizes, boxes, scores, (H, W))
+    dev = torch.device("cuda", 1)
+    out = paste_entities(logits.to(dev), sizes, boxes, scores.to(dev), (H, W), backend=backend)
+    assert out[0].device == dev
+    assert_results_match(out, ref, fused_probs(logits, sizes, boxes, H, W), name=backend)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Errors, dispatch, large output.
 

@@ -609,3 +609,28 @@ def test_selftests_pass_and_catch_a_wrong_kernel(op, backend, monkeypatch):
         monkeypatch.setattr(pm, name, wrong)
     with pytest.raises(AssertionError, match=f"{op} self-test"):
         selftest(backend, cpu, dtypes[0])
+
+
+@pytest.mark.gpu
+def test_triton_on_a_second_gpu_matches_reference():
+    """Tensors on cuda:1 while cuda:0 is current: the launches must follow the tensors."""
+    cuda_or_skip()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("run with TRITON_INTERPRET=0 for the compiled kernels")
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = (torch.randn(9, 31, 29, generator=g, device=dev) * 3).requires_grad_(True)
+    gt = torch.rand(5, 123, 117, generator=g, device=dev) > 0.5
+    pts = torch.rand(7, 101, 2, generator=g, device=dev)
+    pidx = torch.randint(0, 9, (7,), generator=g, device=dev)
+    gidx = torch.randint(0, 5, (7,), generator=g, device=dev)
+    results = []
+    for backend in ("triton", "torch"):
+        b, d = pm.point_mask_loss(logits, gt, pts, pred_index=pidx, gt_index=gidx, backend=backend)
+        results.append((b, d) + torch.autograd.grad(b.sum() + 2 * d.sum(), logits))
+    for a, e in zip(*results):
+        assert a.device == dev
+        assert_close(a, e, rtol=1e-4, atol=1e-6)
