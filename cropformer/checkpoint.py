@@ -17,9 +17,9 @@ other global, so a malicious file fails before anything runs. Key names are conv
 `cropformer.convert`, and `check_fit` refuses weights that do not fit a model, naming the first
 mismatching keys (`load_model_weights`).
 
-Integrity: our files carry a SHA-256 of their content (`content_digest`: every tensor's bytes, dtype
+Integrity: our files carry a checksum of their content (`content_digest`: every tensor's bytes, dtype
 and shape, and every other value, so a changed config or key name counts too), under
-"content_sha256" in a `.pth` payload or the `.safetensors` metadata, checked on every load. Official
+"content_checksum" in a `.pth` payload or the `.safetensors` metadata, checked on every load. Official
 torch.save (zip) files are checked against the CRC-32 the zip stores for each member. Other files have
 no checksum to check: for safetensors we check that the header and the file size agree, for pickles
 (detectron2 `.pkl`, the legacy torch.save format) that they unpickle to the end; flipped bytes inside
@@ -41,6 +41,7 @@ import random
 import re
 import tempfile
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ from .convert import OUR_COMPONENTS, ConversionReport, convert_state_dict, first
 logger = logging.getLogger(__name__)
 
 
-CHECKSUM_KEY = "content_sha256"  # in a .pth payload and in .safetensors metadata
+CHECKSUM_KEY = "content_checksum"  # in a .pth payload and in .safetensors metadata
 
 
 class CheckpointError(RuntimeError):
@@ -136,23 +137,26 @@ def _structure(obj: Any, tensors: list[torch.Tensor]) -> Any:
     raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint payload")
 
 
-def _tensor_sha256(t: torch.Tensor) -> bytes:
+def _tensor_crc32(t: torch.Tensor) -> int:
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).digest()
+    return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
 def content_digest(obj: Any) -> str:
-    """SHA-256 (hex) of a payload of nested dicts, lists, tensors (dtype, shape and bytes), strings,
-    numbers and None, independent of dict order. Tensors are hashed on a few threads (hashlib releases
-    the GIL) and their digests enter the final hash in a fixed order."""
+    """Checksum (64 hex digits) of a payload of nested dicts, lists, tensors (dtype, shape and bytes),
+    strings, numbers and None, independent of dict order: the SHA-256 of its structure and of the
+    CRC-32 of each tensor's bytes.
+
+    CRC-32, as in zip files, catches accidental damage (flipped, zeroed or lost bytes) at about a
+    third of SHA-256's cost (docs/BENCHMARKS.md); it is no defence against deliberate tampering, which
+    cannot run code anyway (weights-only loading). Tensors are checked on a few threads (zlib releases
+    the GIL), one tensor per task so that at most that many are copied at once (CUDA or non-contiguous).
+    """
     tensors: list[torch.Tensor] = []
     text = json.dumps(_structure(obj, tensors), separators=(",", ":"))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_tensor_sha256, tensors))
-    h = hashlib.sha256(text.encode())
-    for d in digests:
-        h.update(d)
-    return h.hexdigest()
+        crcs = list(pool.map(_tensor_crc32, tensors))
+    return hashlib.sha256(text.encode() + np.array(crcs, dtype=np.uint32).tobytes()).hexdigest()
 
 
 def _with_checksum(payload: dict) -> dict:
@@ -162,7 +166,7 @@ def _with_checksum(payload: dict) -> dict:
 def _verify(path: Path, content: Any, stored: Any) -> None:
     found = content_digest(content)
     if stored != found:
-        raise CheckpointError(f"{path}: corrupt: its content does not match the SHA-256 stored in it "
+        raise CheckpointError(f"{path}: corrupt: its content does not match the checksum stored in it "
                               f"({str(stored)[:12]}... stored, {found[:12]}... found); the file was damaged "
                               "after it was written, use another copy")
 
@@ -209,7 +213,7 @@ def _zip_problem(path: Path) -> str | None:
 
 def _load_torch(path: Path) -> Any:
     """A torch.save file (zip or legacy format) read weights-only, its checksum verified: ours the
-    SHA-256 under CHECKSUM_KEY (removed from the result), other zip files the members' CRC-32."""
+    checksum under CHECKSUM_KEY (removed from the result), other zip files the members' CRC-32."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's errors come in many types; name the file and say what is wrong
@@ -484,7 +488,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config |
                  metadata: dict[str, str] | None = None) -> None:
     """Write weights in our names atomically, with the checksum of their content: `.safetensors` (config
     in the metadata and, when given, beside it as `<name>.json`) or a weights-only `.pth`
-    ({"model": state[, "config": dict], "content_sha256": hex})."""
+    ({"model": state[, "config": dict], "content_checksum": hex})."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

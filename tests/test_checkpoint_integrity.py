@@ -85,7 +85,7 @@ def _write(kind: str, tmp_path, cfg, state):
 
 
 OURS = ["safetensors", "weights-pth", "training"]
-CHECKED = OURS + ["zip-pth"]  # formats whose content is covered by a checksum (ours: SHA-256, zip: CRC-32)
+CHECKED = OURS + ["zip-pth"]  # formats whose content is covered by a checksum (ours: content_digest, zip: CRC-32)
 ALL = CHECKED + ["legacy-pth", "pkl"]
 
 
@@ -123,7 +123,7 @@ def test_flipped_bytes_in_tensor_data(tmp_path, tiny, kind, caplog):
     path, load = _write(kind, tmp_path, cfg, state)
     _flip(path, _data_offset(path, _largest(state)))
     if kind in CHECKED:
-        with pytest.raises(CheckpointError, match=rf"^{path}: corrupt: .*(SHA-256|CRC-32)"):
+        with pytest.raises(CheckpointError, match=rf"^{path}: corrupt: .*(checksum|CRC-32)"):
             load(path)
     else:  # these formats carry no checksum: the damage cannot be seen, and loading says so
         with caplog.at_level(logging.WARNING, logger="cropformer.checkpoint"):
@@ -139,7 +139,7 @@ def test_changed_config_in_safetensors_header_is_refused(tmp_path, tiny):
     at = data.index(b"embed_dim") + len(b'embed_dim\\": ')
     assert data[at:at + 1].isdigit()
     path.write_bytes(data[:at] + (b"1" if data[at:at + 1] != b"1" else b"2") + data[at + 1:])
-    with pytest.raises(CheckpointError, match="corrupt: its content does not match the SHA-256"):
+    with pytest.raises(CheckpointError, match="corrupt: its content does not match the checksum"):
         read_weights(path)
 
 

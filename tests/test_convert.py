@@ -658,7 +658,7 @@ def test_convert_command_line(tmp_path, capsys):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     payload = torch.load(tmp_path / "ours.pth", weights_only=True)
-    assert set(payload) == {"model", "content_sha256"} and all(torch.equal(payload["model"][k], v) for k, v in a.state_dict().items())
+    assert set(payload) == {"model", "content_checksum"} and all(torch.equal(payload["model"][k], v) for k, v in a.state_dict().items())
     # refusal: the tiny weights do not fit Swin-T; exit status 2 and the first keys named
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "bad.safetensors"), "--cfg", "cropformer_swin_tiny_3x"]) == 2
     err = capsys.readouterr().err
