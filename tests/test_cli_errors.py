@@ -36,6 +36,7 @@ def files(tmp_path_factory):
     (root / "corrupt.pth").write_bytes(bytes(corrupt))
     (root / "truncated.safetensors").write_bytes((root / "weights.safetensors").read_bytes()[:5000])
     (root / "photo.pth").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
+    (root / "photo.json").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
     (root / "empty.pth").write_bytes(b"")
     (root / "bad.json").write_text('{"solver": {"max_iter": 10}\n "seed": 1}\n')
     (root / "notes.json").write_text("max_iter = 10\n")
@@ -80,6 +81,9 @@ TRAIN_CASES = [
      ["data.val_images", "no_images does not exist"]),
     ("train_json not JSON", lambda f, t: _train_args(f, t, "--set", f"data.train_json={f / 'ann_broken.json'}"),
      ["ann_broken.json:1:13: invalid JSON"]),
+    ("train_json a photo", lambda f, t: _train_args(f, t, "--set", f"data.train_json={f / 'photo.json'}"),
+     ["photo.json: not a JSON file"]),
+    ("config a photo", lambda f, t: ["--cfg", str(f / "photo.json")], ["photo.json: not a JSON config"]),
     ("missing --resume", lambda f, t: _train_args(f, t, "--resume", str(t / "last.pth")), ["--resume", "last.pth: no such file"]),
     ("missing --init", lambda f, t: _train_args(f, t, "--init", str(t / "w.pth")), ["--init", "w.pth: no such file"]),
     ("corrupt --resume", lambda f, t: _train_args(f, t, "--resume", str(f / "corrupt.pth")), ["corrupt.pth: corrupt"]),

@@ -284,6 +284,8 @@ def load_entity_records(
             data = json.load(f)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{json_file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+        except UnicodeDecodeError:
+            raise DatasetError(f"{json_file}: not a JSON file (not UTF-8 text)") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{json_file}: not a COCO JSON (no 'images' list)")
     problems = _Problems()
