@@ -2,6 +2,7 @@
 loss curve and mask overlays. `python train.py --demo` calls `run_demo`."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -42,7 +43,8 @@ def write_overlays(segmenter, cfg: Config, out_dir: Path, limit: int = 8) -> lis
             gt_map[mask_util.decode(ann["segmentation"]).astype(bool)] = k + 1
         panel = np.concatenate([image, overlay(image, ent.id_map), overlay(image, gt_map)], axis=1)
         path = out_dir / f"{Path(info['file_name']).stem}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        if not cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):  # OpenCV returns False, never raises
+            raise OSError(errno.EIO, "could not write the overlay (disk full or not writable?)", str(path))
         written.append(str(path))
     return written
 

@@ -267,3 +267,22 @@ def test_full_disk_during_training_stops_with_one_line(tiny_data, tmp_path):
     assert "Traceback" not in res.stderr
     line = next(x for x in res.stdout.splitlines() if x.startswith("ITER"))
     assert line.startswith("ITER 1 ") and ".tmp" not in line, line
+
+
+def test_demo_overlay_that_cannot_be_written_names_the_file(tiny_data, tmp_path, monkeypatch):
+    """OpenCV's imwrite returns False on a full disk instead of raising; the demo says so."""
+    import types
+
+    import cv2
+    import numpy as np
+
+    from cropformer.config import load_config
+    from cropformer.demo import write_overlays
+
+    cfg = load_config("tiny", [f"data.val_json=\"{tiny_data / 'train' / 'annotations.json'}\"",
+                               f"data.val_images=\"{tiny_data / 'train' / 'images'}\""])
+    segmenter = types.SimpleNamespace(segment=lambda image: types.SimpleNamespace(id_map=np.zeros(image.shape[:2], np.int32)))
+    monkeypatch.setattr(cv2, "imwrite", lambda *args: False)
+    with pytest.raises(OSError, match="could not write the overlay") as info:
+        write_overlays(segmenter, cfg, tmp_path / "overlays", limit=1)
+    assert Path(info.value.filename).parent == tmp_path / "overlays"
