@@ -64,3 +64,11 @@ def test_console_command_lists_info():
 
     assert "info" in COMMANDS
     assert info.build_parser().parse_args(["--verify", "--json"]).verify
+
+
+def test_bad_verify_switch_is_one_line(monkeypatch, capsys):
+    from cropformer.cli import run
+
+    monkeypatch.setenv("CROPFORMER_VERIFY", "maybe")
+    assert run(info.main, []) == 2
+    assert capsys.readouterr().err.strip() == "error: CROPFORMER_VERIFY='maybe': expected one of on, off, strict"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import platform
 import sys
 from typing import Sequence
 
-from . import add_common_options
+from . import UserError, add_common_options
 
 DTYPES = ("float32", "bfloat16")
 
@@ -101,8 +100,14 @@ def format_text(info: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..ops._dispatch import verify_mode
+
     args = build_parser().parse_args(argv)
-    if os.environ.get("CROPFORMER_VERIFY", "on") == "off" and args.verify:
+    try:
+        mode = verify_mode()
+    except ValueError as exc:  # a bad CROPFORMER_VERIFY: one line, exit 2
+        raise UserError(str(exc)) from None
+    if mode == "off" and args.verify:
         print("note: CROPFORMER_VERIFY=off, so --verify runs nothing", file=sys.stderr)
     info = collect(verify=args.verify)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
