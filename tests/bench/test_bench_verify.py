@@ -37,7 +37,8 @@ def _child(op: str, device: str) -> dict:
     else:  # one decoder layer's attention: 100 queries over a 20 x 20 feature map
         fn, args = masked_cross_attention, (torch.randn(2, 8, 100, 32, generator=g),
                                             torch.randn(2, 8, 400, 32, generator=g),
-                                            torch.randn(2, 8, 400, 32, generator=g), torch.randn(2, 100, 400, generator=g))
+                                            torch.randn(2, 8, 400, 32, generator=g),
+                                            torch.randn(2, 100, 400, generator=g))
     args = [a.to(dev) for a in args]
     backend = _dispatch.explain(op, dev, torch.float32)["backend"]
 
