@@ -68,11 +68,11 @@ class CropFormer(nn.Module):
         x = images.reshape(B * T, 3, H, W).to(self.pixel_mean.device, torch.float32)
         x = (x - self.pixel_mean) / self.pixel_std
         if image_sizes is not None:
-            sizes = image_sizes.reshape(B * T, 2).tolist()
-            valid = torch.zeros(B * T, 1, H, W, dtype=torch.bool, device=x.device)
-            for i, (h, w) in enumerate(sizes):
-                valid[i, :, : int(h), : int(w)] = True
-            x = x * valid
+            # a comparison, not a loop over the sizes read back to the host: traceable for torch.compile/export
+            sizes = image_sizes.reshape(B * T, 2, 1, 1).to(x.device)
+            rows = torch.arange(H, device=x.device).view(1, H, 1) < sizes[:, 0]  # (B*T) x H x 1
+            cols = torch.arange(W, device=x.device).view(1, 1, W) < sizes[:, 1]  # (B*T) x 1 x W
+            x = x * (rows & cols)[:, None]
         if (Hp, Wp) != (H, W):
             x = nn.functional.pad(x, (0, Wp - W, 0, Hp - H))
         return x
