@@ -57,6 +57,9 @@ def test_verify_runs_the_selftests(no_verdicts, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "failed self-test: AssertionError: out is off by 1" in out
     assert ("masked_cross_attention", "cpu", "cpu", _dispatch.torch.float32) in _dispatch._verdicts
+    monkeypatch.setenv("CROPFORMER_VERIFY", "strict")  # reported, not raised
+    assert info.main(["--verify"]) == 0
+    assert "failed self-test: masked_cross_attention: the cpu backend failed" in capsys.readouterr().out
 
 
 def test_console_command_lists_info():

@@ -493,7 +493,10 @@ def explain(op: str, device: torch.device, dtype: torch.dtype, run_tests: bool =
         elif op not in SELFTESTS or verify_mode() == "off":
             status = "picked (no self-test)" if op not in SELFTESTS else "picked (CROPFORMER_VERIFY=off)"
         elif run_tests:
-            error = verify(op, name, device, dtype)
+            try:
+                error = verify(op, name, device, dtype)
+            except VerificationError as exc:  # strict mode: reported here like any failure
+                error = str(exc)
             status = "picked (self-test passed)" if error is None else f"failed self-test: {error}"
         else:
             status = ("picked (self-test passed earlier, cached on disk)" if verified_on_disk(op, name, device, dtype)
