@@ -172,7 +172,6 @@ def train(
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)), what="config")
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(dev)
     if init_weights:
@@ -197,7 +196,7 @@ def train(
         saved_cfg = from_dict(ckpt["config"], f"{resume} (config)")
         if to_dict(saved_cfg.model) != to_dict(cfg.model):
             raise CheckpointError(f"{resume}: its model config differs from the requested one; resume with the config "
-                                  "it was trained with (its config.json)")
+                                  "it was trained with (config.json beside it)")
         load_model_weights(model, ckpt["model"], source=resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -208,6 +207,8 @@ def train(
         last_ckpt = resume
     else:
         seed_everything(cfg.seed + rank)  # per-rank streams for point sampling etc.
+    if rank == 0:  # after the resume checks: a refused resume keeps the run's config.json
+        atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=1)), what="config")
 
     net = model
     if world > 1:
