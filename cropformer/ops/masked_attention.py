@@ -203,7 +203,8 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     return masked_cross_attention_ref(q, k, v, mask_logits)
 
 
-# Self-test tolerance per dtype, relative to max(1, max |expected|) (see `_selftest`).
+# Self-test tolerance per dtype, relative to max(1, max |expected|): a correct kernel stays well inside (SDPA
+# and the interpreted Triton kernels reach at most 0.22 of it, in bf16); a wrong index or scale is off by O(1).
 _SELFTEST_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
