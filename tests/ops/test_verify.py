@@ -48,7 +48,7 @@ def msda_inputs(seed=0):
 
 
 def warnings_about(caplog, op):
-    return [r for r in caplog.records if r.levelno == logging.WARNING and op in r.getMessage()]
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith(f"{op}:")]
 
 
 def cpu_kernel_or_skip():
