@@ -418,7 +418,11 @@ def read_checkpoint(path: str | Path) -> LoadedWeights:
     if path.suffix == ".safetensors":
         raw, meta = _read_safetensors(path)
         if "config" in meta:
-            cfg = from_dict(json.loads(meta["config"]), f"{path} (metadata)")
+            try:
+                stored_cfg = json.loads(meta["config"])
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: the config in its metadata is not valid JSON ({exc})") from None
+            cfg = from_dict(stored_cfg, f"{path} (metadata)")
     else:
         obj = load_pickled(path)
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):

@@ -3,7 +3,6 @@ loss curve and mask overlays. `python train.py --demo` calls `run_demo`."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 from pathlib import Path
 
@@ -30,9 +29,10 @@ def write_overlays(segmenter, cfg: Config, out_dir: Path, limit: int = 8) -> lis
     from pycocotools import mask as mask_util
 
     from .data.decode import decode_image
+    from .evaluation import read_json
     from .visualize import overlay
 
-    gt = json.loads(Path(cfg.data.val_json).read_text())
+    gt = read_json(cfg.data.val_json, "ground truth")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for info in gt["images"][:limit]:

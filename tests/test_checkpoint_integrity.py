@@ -217,3 +217,12 @@ def test_content_digest_sees_every_part(tiny):
     assert content_digest({"x": torch.ones(3, dtype=torch.bfloat16), "y": torch.zeros(0), "z": torch.tensor(True)})
     with pytest.raises(TypeError, match="cannot checksum a object"):
         content_digest({"x": object()})
+
+
+def test_unreadable_config_in_foreign_metadata_names_the_file(tmp_path, tiny):
+    """A file without our checksum whose stored config is not JSON: refused naming the file."""
+    _, state = tiny
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"config": "{'not': json"})
+    with pytest.raises(CheckpointError, match=rf"^{path}: the config in its metadata is not valid JSON"):
+        read_weights(path)
