@@ -111,7 +111,9 @@ def _rle_sums(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     end_pos = np.flatnonzero(ends)
     starts = np.r_[0, end_pos[:-1] + 1]
     size = end_pos - starts + 1  # characters of each number
-    sid = np.searchsorted(offsets, end_pos, "right")  # string of each number
+    numbers_before = np.r_[0, np.cumsum(ends)]  # numbers ending before each character
+    per_string = numbers_before[offsets] - numbers_before[offsets - lengths]
+    sid = np.repeat(np.arange(n), per_string)  # string of each number
     if size.max() > 12:  # more than 60 bits
         bad[sid[size > 12]] = True
     x = np.zeros(len(end_pos), np.int64)
@@ -120,17 +122,17 @@ def _rle_sums(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
         x[sel] |= (c[starts[sel] + k] & 0x1F).astype(np.int64) << (5 * k)
     neg = (c[end_pos] & 0x10) != 0
     x[neg] -= np.left_shift(1, 5 * np.minimum(size[neg], 12))
-    firsts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
-    m = np.arange(len(x)) - np.repeat(firsts, np.diff(np.r_[firsts, len(x)]))  # index inside its string
+    has = np.flatnonzero(per_string)
+    firsts = np.r_[0, np.cumsum(per_string[has])[:-1]]  # first number of each string that has one
+    m = np.arange(len(x)) - np.repeat(firsts, per_string[has])  # index of each number inside its string
     counts = x.copy()
     for parity, m0 in ((1, 1), (0, 2)):  # undo the differences: a running sum per string and parity
-        sel = np.flatnonzero((m % 2 == parity) & (m >= m0))
-        if len(sel):
-            cs = np.cumsum(x[sel])
-            new = np.r_[True, sid[sel][1:] != sid[sel][:-1]]
-            counts[sel] = cs - (cs - x[sel])[new][np.cumsum(new) - 1]
-    sums[sid[firsts]] = np.add.reduceat(counts, firsts)
-    mins[sid[firsts]] = np.minimum.reduceat(counts, firsts)
+        chain = ((m & 1) == parity) & (m >= m0)
+        cs = np.cumsum(np.where(chain, x, 0))
+        before = np.r_[0, cs][firsts]  # the running sum where each string starts
+        counts = np.where(chain, cs - np.repeat(before, per_string[has]), counts)
+    sums[has] = np.add.reduceat(counts, firsts)
+    mins[has] = np.minimum.reduceat(counts, firsts)
     sums[bad] = -1
     return sums, mins
 
@@ -141,6 +143,8 @@ def _check_rle(rle: dict, hw: tuple[int, int], record: str, problems: _Problems,
         problems.add(record, f"RLE size {size} is not the image's [height, width] {list(hw)}")
         return
     counts = rle.get("counts")
+    if isinstance(counts, bytes):  # as pycocotools.mask.encode returns it
+        counts = counts.decode("latin-1")
     if isinstance(counts, str):
         compressed.append((record, counts, hw[0] * hw[1]))
     elif allow_list and isinstance(counts, list):
@@ -176,8 +180,10 @@ def _check_segmentation(seg, hw, record, problems, compressed, *, allow_polygons
         problems.add(record, "no segmentation" if not seg else "segmentation is not an RLE" + " or polygons" * allow_polygons)
 
 
-def validate_ground_truth(gt, source: str = "ground truth", need_file_names: bool = False) -> dict[int, tuple[int, int]]:
-    """Check a COCO ground-truth dict (see the module docstring); returns {image id: (height, width)}."""
+def validate_ground_truth(gt, source: str = "ground truth", need_file_names: bool = False,
+                          annotations: bool = True) -> dict[int, tuple[int, int]]:
+    """Check a COCO ground-truth dict (see the module docstring); returns {image id: (height, width)}.
+    `annotations=False` checks the top level and the images only (all that predicting needs)."""
     problems = _Problems(source)
     if not isinstance(gt, dict):
         raise EvaluationInputError(f"{source}: the top level must be an object with 'images' and 'annotations'")
@@ -198,7 +204,7 @@ def validate_ground_truth(gt, source: str = "ground truth", need_file_names: boo
         else:
             sizes[im["id"]] = (im["height"], im["width"])
     ann_ids, compressed = set(), []
-    for i, ann in enumerate(gt["annotations"]):
+    for i, ann in enumerate(gt["annotations"] if annotations else ()):
         if not isinstance(ann, dict):
             problems.add(f"annotations[{i}]", "is not an object")
             continue
@@ -254,13 +260,14 @@ def _entity_gt(gt: dict) -> dict:
 
 
 def evaluate_entities(gt: str | Path | dict, predictions: list[dict], use_faster: bool = True,
-                      predictions_source: str = "predictions") -> dict[str, float]:
+                      predictions_source: str = "predictions", check_annotations: bool = True) -> dict[str, float]:
     """AP^e and friends (percent) of COCO-RLE `predictions` against a COCO ground-truth file or dict.
 
     Each prediction needs `image_id`, `segmentation` (COCO RLE) and `score`; both inputs are validated
     first (EvaluationInputError, see the module docstring; `predictions_source` names the predictions
-    in its message). Uses `faster_coco_eval` when installed and `use_faster` (same numbers), else
-    pycocotools.
+    in its message; `check_annotations=False` skips the ground truth's annotations, for a dict that
+    `load_ground_truth` has checked already). Uses `faster_coco_eval` when installed and `use_faster`
+    (same numbers), else pycocotools.
     """
     from pycocotools.coco import COCO as coco_cls
     from pycocotools.cocoeval import COCOeval as eval_cls
@@ -269,7 +276,7 @@ def evaluate_entities(gt: str | Path | dict, predictions: list[dict], use_faster
     if not isinstance(gt, dict):
         source = str(gt)
         gt = read_json(gt, "ground truth")
-    validate_predictions(predictions, validate_ground_truth(gt, source), predictions_source)
+    validate_predictions(predictions, validate_ground_truth(gt, source, annotations=check_annotations), predictions_source)
     gt = _entity_gt(gt)
     preds = []
     for p in predictions:
@@ -311,8 +318,8 @@ def format_table(metrics: dict[str, float]) -> str:
 def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Path, *, reduced_decode: bool = False,
                     progress: bool = True) -> tuple[list[dict], dict]:
     """Run `segmenter` on every image of a COCO file or dict (this rank's share under torchrun) and
-    return (COCO RLE predictions of all ranks, stats). The ground truth is validated first and an
-    unreadable `images_dir` is an EvaluationInputError; an image that fails (decode, size, out of
+    return (COCO RLE predictions of all ranks, stats). Its images are validated first (the
+    annotations where they are scored) and an unreadable `images_dir` is an EvaluationInputError; an image that fails (decode, size, out of
     memory, a model error) is logged, listed in stats["failed"] as {"path", "stage", "reason"} and
     skipped. Images are decoded at full resolution by default (the released numbers need it);
     `reduced_decode` allows OpenCV's reduced JPEG decoding when the views need fewer pixels."""
@@ -328,9 +335,9 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
     from .progress import Progress
 
     log = logging.getLogger("cropformer.eval")
-    gt = gt_json if isinstance(gt_json, dict) else load_ground_truth(gt_json, need_file_names=True)
-    if isinstance(gt_json, dict):
-        validate_ground_truth(gt, need_file_names=True)
+    gt = gt_json if isinstance(gt_json, dict) else read_json(gt_json, "ground truth")
+    validate_ground_truth(gt, str(gt_json) if not isinstance(gt_json, dict) else "ground truth", need_file_names=True,
+                          annotations=False)  # the annotations are checked where they are scored
     try:
         next(os.scandir(images_dir), None)
     except OSError as exc:
