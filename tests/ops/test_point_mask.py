@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cropformer.ops import point_mask as pm
 from cropformer.ops._dispatch import has_compiled_op, triton_usable
-from tests.conftest import assert_close, cuda_or_skip
+from tests.conftest import assert_close, cuda_or_skip, triton_device_or_skip
 
 BACKENDS = ["torch", "cpu", "triton"]
 # fp32 against the float64 composition; float64 against float64 (the same math, other order)
@@ -381,12 +381,14 @@ def test_no_float_copy_of_masks(monkeypatch):
 # 16-bit logits on the Triton path (`auto` takes it for fp16/bf16 CUDA tensors; here the interpreter)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision_logits(dtype):
+def test_triton_low_precision_logits(dtype, device):
     """fp16/bf16 logits: the kernels read them and compute in fp32, so values match the float64
     reference on the same rounded logits to fp32 accuracy; the gradient is returned in the logits'
-    dtype, and its error stays within twice that of the torch path's (which also rounds it once)."""
-    _backend_or_skip("triton")
+    dtype, and its error stays within twice that of the torch path's (which also rounds it once).
+    CPU: the interpreter; CUDA: the compiled kernels (TRITON_INTERPRET=0)."""
+    dev = triton_device_or_skip(device)
     g = torch.Generator().manual_seed(16)
     # (Q, N, h, w, H, W, P, M) odd sizes; M pairs with repeated prediction rows
     Q, N, h, w, H, W, P, M = 9, 5, 13, 11, 49, 45, 61, 7
@@ -394,7 +396,7 @@ def test_triton_low_precision_logits(dtype):
     gt = make_masks(N, 1, H, W, g)[:, 0]
     pts = make_points(P, g, torch.float64, h, w, H, W)
     exp_bce, exp_dice = ref_cost(pred.double()[:, None], gt[:, None], pts)
-    bce, dice = pm.point_mask_cost(pred, gt, pts.float(), backend="triton")
+    bce, dice = pm.point_mask_cost(pred.to(dev), gt.to(dev), pts.float().to(dev), backend="triton")
     assert bce.dtype == torch.float32
     assert_close(bce, exp_bce, name="cost bce", rtol=1e-5, atol=1e-5)
     assert_close(dice, exp_dice, name="cost dice", rtol=1e-5, atol=1e-5)
@@ -407,21 +409,22 @@ def test_triton_low_precision_logits(dtype):
     (eb.sum() + 2 * ed.sum()).backward()
     errors = {}
     for backend in ("triton", "torch"):
-        inp = pred.clone().requires_grad_(True)
-        b, d = pm.point_mask_loss(inp, gt, lpts.float(), pred_index=pidx, gt_index=gidx, backend=backend)
+        inp = pred.to(dev).clone().requires_grad_(True)
+        b, d = pm.point_mask_loss(inp, gt.to(dev), lpts.float().to(dev), pred_index=pidx.to(dev),
+                                  gt_index=gidx.to(dev), backend=backend)
         (b.sum() + 2 * d.sum()).backward()
         assert inp.grad.dtype == dtype
         if backend == "triton":
             assert_close(b, eb, name="loss bce", rtol=1e-5, atol=1e-5)
             assert_close(d, ed, name="loss dice", rtol=1e-5, atol=1e-5)
-        errors[backend] = float((inp.grad.double() - ref_in.grad).abs().max())
+        errors[backend] = float((inp.grad.double().cpu() - ref_in.grad).abs().max())
     scale = float(ref_in.grad.abs().max())
     print(f"{dtype} grad max error: triton {errors['triton']:.3e}, torch {errors['torch']:.3e} (scale {scale:.3e})")
     assert errors["triton"] <= 2 * errors["torch"] + 1e-6 * scale
 
     logits = (torch.randn(Q, h, w, generator=g) * 3).to(dtype)
     cand = torch.rand(M, 53, 2, generator=g)
-    got = pm._sample_candidates(logits, pidx, cand, "triton")
+    got = pm._sample_candidates(logits.to(dev), pidx.to(dev), cand.to(dev), "triton")
     assert_close(got, pm._sample_logits_rows(logits.double(), pidx, cand.double(), torch.float64), rtol=1e-5,
                  atol=1e-5, name="candidate samples")
 
