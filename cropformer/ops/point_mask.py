@@ -352,9 +352,9 @@ def point_mask_loss_ref(pred_logits, gt_masks, points, *, pred_index=None, gt_in
         sums by num_masks; the caller does that.
     """
     _check_loss_inputs(pred_logits, gt_masks, points, pred_index, gt_index, gt_valid)
-    for name, index, rows in (("pred_index", pred_index, pred_logits.shape[0]), ("gt_index", gt_index, gt_masks.shape[0])):
+    for name, index, rows in (("pred_index", pred_index, pred_logits), ("gt_index", gt_index, gt_masks)):
         if index is not None:  # torch indexing would wrap negative indices
-            _assert_index_range("point_mask_loss", name, index, rows)
+            _assert_index_range("point_mask_loss", name, index, rows.shape[0])
     dtype = _compute_dtype(pred_logits)
     x = _sample_logits_rows(pred_logits, pred_index, points, dtype)  # M x P
     with torch.no_grad():
