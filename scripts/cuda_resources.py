@@ -162,7 +162,8 @@ def violations(usage: Usage, threads: int, max_dynamic_smem: int, opt_in_smem: b
     return problems
 
 
-def check(text: str, archs: list[int], launches: dict[str, Launch] = LAUNCHES, root: Path = ROOT) -> tuple[list[str], list[str]]:
+def check(text: str, archs: list[int], launches: dict[str, Launch] = LAUNCHES,
+          root: Path = ROOT) -> tuple[list[str], list[str]]:
     """(report lines, failures) for the ptxas output `text`. A kernel with a `known_failure` whose check
     fails is reported as XFAIL; one that passes is a failure (the table must be updated)."""
     usages = parse_ptxas(text)

@@ -36,7 +36,8 @@ def test_dry_run_runs_every_step_in_order(tmp_path):
     # resource check reads that build's log for that architecture.
     build = (tmp_path / "build.log").read_text()
     assert "TORCH_CUDA_ARCH_LIST=9.0" in build and "CROPFORMER_PTXAS_VERBOSE=1" in build, build
-    assert re.search(r"cuda_resources\.py check \S*build\.log --arch 90$", (tmp_path / "resources.log").read_text().strip())
+    resources = (tmp_path / "resources.log").read_text().strip()
+    assert re.search(r"cuda_resources\.py check \S*build\.log --arch 90$", resources), resources
 
 
 @pytest.mark.parametrize("failing", STEPS)
@@ -93,7 +94,8 @@ def test_each_gpu_test_runs_once_and_no_cpu_benchmark_runs(tmp_path):
     assert parity and bench, sel
     assert not parity & bench, f"run twice: {sorted(parity & bench)[:5]}"
     assert parity | bench == gpu, f"gpu tests never run: {sorted(gpu - parity - bench)[:5]}"
-    assert not (parity | bench) & cpu_bench, f"CPU benchmarks in the GPU suite: {sorted((parity | bench) & cpu_bench)[:5]}"
+    in_suite_cpu = (parity | bench) & cpu_bench
+    assert not in_suite_cpu, f"CPU benchmarks in the GPU suite: {sorted(in_suite_cpu)[:5]}"
     assert all("bench" not in markers[n] for n in parity)
 
 
@@ -113,8 +115,8 @@ def _junit(tmp_path, skip_messages):
     ([], "", 1),  # nothing ran
 ])
 def test_skip_check(tmp_path, messages, allowed, status):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_skips.py"), _junit(tmp_path, messages), allowed],
-                          capture_output=True, text=True)
+    script = str(REPO / "scripts" / "check_skips.py")
+    proc = subprocess.run([sys.executable, script, _junit(tmp_path, messages), allowed], capture_output=True, text=True)
     assert proc.returncode == status, proc.stdout + proc.stderr
 
 
@@ -137,5 +139,6 @@ def test_bench_summary_is_markdown(tmp_path):
     assert "not JSON" in proc.stderr
     text = out.read_text()
     assert "NVIDIA H200, 570.00" in text and "device_name: NVIDIA H200" in text
-    assert "## ms_deform_attn\n\n| device | mode | ms_p50 |\n|---|---|---|\n| cuda | fwd | 0.1235 |\n| cuda | fwd+bwd | 0.5 |" in text
+    assert ("## ms_deform_attn\n\n| device | mode | ms_p50 |\n|---|---|---|\n"
+            "| cuda | fwd | 0.1235 |\n| cuda | fwd+bwd | 0.5 |") in text
     assert "| cuda | a\\|b | 3 |" in text
