@@ -1,7 +1,7 @@
 """The crop ensemble's gain (issue 17; paper Table 7), with error bars, in one command:
 
     python scripts/hires_effect.py --out hires_run                  # defaults: about an hour, idle 2-core CPU
-    python scripts/hires_effect.py --out hires_gpu --device cuda --seeds 5 --iters 3000 --size 2400 3200
+    python scripts/hires_effect.py --out hires_gpu --device cuda --seeds 5 --iters 3000   # GPU: not run yet
 
 1. Generates the detail set (`cropformer.data.synthetic.make_detail_image`, seeded): twins split by
    gaps, thin structures and small discs sized in mask cells of the views at the test short side, by
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="hires_run", help="output folder (data, runs, results)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per model")
-    p.add_argument("--iters", type=int, default=450, help="training iterations per run (both models)")
+    p.add_argument("--iters", type=int, default=500, help="training iterations per run (both models)")
     p.add_argument("--batch", type=int, default=4, help="images per batch (both models)")
     p.add_argument("--size", type=int, nargs=2, default=(1200, 1600), metavar=("H", "W"), help="image size")
     p.add_argument("--train-images", type=int, default=48)
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small disc diameters in full-view mask cells")
     p.add_argument("--boundary-ratio", type=float, default=0.005,
                    help="boundary IoU band width as a fraction of the image diagonal")
+    p.add_argument("--score-mode", choices=("mean_prob", "original"), default="mean_prob",
+                   help="entity score: class x mean fused probability, or the released code's")
     p.add_argument("--agreement-score", type=float, default=0.5,
                    help="queries with a class score below this are left out of the cross-view agreement")
     p.add_argument("--config", default="tiny_demo", help="CropFormer config (the baseline is derived from it)")
@@ -194,6 +196,7 @@ def evaluate_run(args, cfg, run_dir: Path, weights: str, modes: list[str]) -> di
     """Every mode on one checkpoint (cached in the run folder under a hash of the evaluation settings)."""
     settings = {"modes": modes, "short_side": args.short_side, "crop_ratio": args.crop_ratio,
                 "boundary_ratio": args.boundary_ratio, "agreement_score": args.agreement_score,
+                "score_mode": args.score_mode,
                 "val": cfg.data.val_json}
     path = run_dir / f"eval-{_key(settings)}.json"
     if path.is_file():
@@ -202,7 +205,7 @@ def evaluate_run(args, cfg, run_dir: Path, weights: str, modes: list[str]) -> di
     result = {"settings": settings, "modes": {}}
     seg = None
     for mode in modes:
-        seg = Segmenter.from_checkpoint(weights, cfg=cfg, device=args.device, mode=mode)
+        seg = Segmenter.from_checkpoint(weights, cfg=cfg, device=args.device, mode=mode, score_mode=args.score_mode)
         t0, cpu0 = time.perf_counter(), time.process_time()
         preds, stats = predict_dataset(seg, cfg.data.val_json, cfg.data.val_images, progress=False)
         metrics = evaluate_entities(gt, preds)
