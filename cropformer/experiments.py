@@ -3,7 +3,8 @@
 - `boundary_iou`: Boundary IoU (Cheng et al., CVPR 2021) of two masks: IoU of the parts of each mask
   within `d` pixels of its own contour (the image border counts as contour).
 - `entity_quality`: each ground-truth entity's best prediction (highest mask IoU) and the boundary IoU of
-  that pair, averaged overall, by COCO size and by the detail set's entity kind.
+  that pair, averaged overall, by COCO size and by the detail set's entity kind; and how many of the
+  detail set's twin pairs have one prediction as the best match of both halves (merged).
 - `cross_view_agreement`: how well a query's mask in the full view agrees with the same query's mask
   in a corner crop on the crop's footprint (what the ensemble's averaging assumes).
 - `mean_se`, `paired_gain`: mean and standard error over seeds.
@@ -59,12 +60,13 @@ def entity_quality(gt: dict, predictions: list[dict], *, boundary_ratio: float =
     """Per ground-truth entity, the prediction of highest mask IoU and the boundary IoU of the pair.
 
     Args:
-        gt: COCO ground truth (images, annotations with RLE segmentation; optional "kind" per
-            annotation, as the detail set writes).
+        gt: COCO ground truth (images, annotations with RLE segmentation; optional "kind" and "twin"
+            (the other half's annotation id) per annotation, as the detail set writes).
         predictions: COCO RLE predictions (image_id, segmentation).
         boundary_ratio: boundary band width as a fraction of the image diagonal.
-    Returns {"mIoU", "mBIoU", "count", "by_size": {small|medium|large: {...}}, "by_kind": {...}}, IoUs in
-    percent; an entity without an overlapping prediction scores 0 on both.
+    Returns {"mIoU", "mBIoU", "count", "by_size": {small|medium|large: {...}}, "by_kind": {...},
+    "twins_merged" (percent of twin pairs, nan without twins), "twin_pairs"}, IoUs in percent; an entity
+    without an overlapping prediction scores 0 on both.
     """
     preds_by_image: dict[int, list[dict]] = {}
     for p in predictions:
@@ -74,6 +76,7 @@ def entity_quality(gt: dict, predictions: list[dict], *, boundary_ratio: float =
         if not a.get("iscrowd", 0):
             gts_by_image.setdefault(a["image_id"], []).append(a)
     rows = []  # (mask IoU, boundary IoU, size, kind)
+    best_of: dict[int, tuple[int, int]] = {}  # annotation id -> (image id, index of its best prediction)
     for info in gt["images"]:
         anns = gts_by_image.get(info["id"], [])
         if not anns:
@@ -89,6 +92,7 @@ def entity_quality(gt: dict, predictions: list[dict], *, boundary_ratio: float =
             if best < 0 or ious[best, j] <= 0:
                 rows.append((0.0, 0.0, size, a.get("kind")))
                 continue
+            best_of[a["id"]] = (info["id"], best)
             g = mask_util.decode(a["segmentation"]).astype(bool)
             p = mask_util.decode(dts[best]).astype(bool)
             rows.append((float(ious[best, j]), _pair_boundary_iou(g, p, d), size, a.get("kind")))
@@ -103,6 +107,10 @@ def entity_quality(gt: dict, predictions: list[dict], *, boundary_ratio: float =
     out["by_size"] = {s: summary([r for r in rows if r[2] == s]) for s in ("small", "medium", "large")}
     kinds = sorted({r[3] for r in rows if r[3] is not None})
     out["by_kind"] = {k: summary([r for r in rows if r[3] == k]) for k in kinds}
+    pairs = {tuple(sorted((a["id"], a["twin"]))) for a in gt["annotations"] if "twin" in a}
+    merged = sum(1 for i, j in pairs if i in best_of and best_of.get(i) == best_of.get(j))
+    out["twins_merged"] = 100 * merged / len(pairs) if pairs else float("nan")
+    out["twin_pairs"] = len(pairs)
     return out
 
 

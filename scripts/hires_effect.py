@@ -13,7 +13,7 @@
 3. Evaluates every mode of Table 7 on the same checkpoints: Image-O (full_image), Batch-O (full_batch),
    Batch-C (crops), Batch-OC (full_crops), and the baseline (single): AP^e, AP50, AP75, APs/m/l,
    boundary IoU and mask IoU of each ground-truth entity's best prediction (overall, by size, by kind),
-   seconds per image, and the agreement of a query's masks between the full view and a crop on the crop
+   the share of twin pairs merged into one prediction, seconds per image, and the agreement of a query's masks between the full view and a crop on the crop
    (`cropformer.experiments.cross_view_agreement`).
 4. Writes <out>/hires_effect.json (every number, per seed and mean +- standard error), hires_effect.md
    (tables; whether Batch-OC beats each other mode by more than two standard errors, paired by seed)
@@ -55,7 +55,8 @@ CROPFORMER_MODES = ("full_image", "full_batch", "crops", "full_crops")
 # The decoder whose cross-view agreement each mode's fusion relies on (one-view modes have none).
 AGREEMENT_OF = {"full_crops": "batch_decoder", "full_image": "image_decoder",
                 "single": "image_decoder"}
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mBIoU", "mIoU")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mBIoU", "mIoU", "twins_merged")
+LABELS = {"AP": "AP^e", "twins_merged": "twins merged %"}
 PLOT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "mBIoU")
 GAIN_METRICS = ("AP", "AP75", "APs", "mBIoU")
 
@@ -211,7 +212,8 @@ def evaluate_run(args, cfg, run_dir: Path, weights: str, modes: list[str]) -> di
         metrics = evaluate_entities(gt, preds)
         quality = entity_quality(gt, preds, boundary_ratio=args.boundary_ratio)
         result["modes"][mode] = {**{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
-                                 "mBIoU": quality["mBIoU"], "mIoU": quality["mIoU"], "quality": quality,
+                                 "mBIoU": quality["mBIoU"], "mIoU": quality["mIoU"],
+                                 "twins_merged": quality["twins_merged"], "quality": quality,
                                  "s_per_image": stats["mean_s_per_image"], "eval_s": time.perf_counter() - t0,
                                  "eval_cpu_s": time.process_time() - cpu0}
         log.info("%s %s: AP^e %.2f, mBIoU %.2f", run_dir, mode, metrics["AP"], quality["mBIoU"])
@@ -260,7 +262,7 @@ def markdown(summary: dict, meta: dict) -> str:
              f"{meta['design']['size'][0]} x {meta['design']['size'][1]}, test short side {meta['design']['short_side']} "
              f"(full-view mask cell {meta['design']['full_cell_px']:.1f} px, crop cell {meta['design']['crop_cell_px']:.1f} px); "
              f"{meta['iters']} iterations x {meta['batch']} images per run.", "",
-             "| mode | " + " | ".join("AP^e" if m == "AP" else m for m in METRICS) + " | agreement | s/image |",
+             "| mode | " + " | ".join(LABELS.get(m, m) for m in METRICS) + " | agreement | s/image |",
              "|---" * (len(METRICS) + 3) + "|"]
     for mode in modes:
         row = t[mode]

@@ -12,7 +12,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from cropformer.data.synthetic import DetailSpec, labels_to_rles, make_detail_image, view_cells
+from cropformer.data.synthetic import DetailSpec, labels_to_rles, make_detail_image, make_synthetic_dataset, view_cells
 from cropformer.data.views import View, plan_views, view_grid
 from cropformer.experiments import (
     boundary_iou,
@@ -97,6 +97,18 @@ def test_detail_sizes_sit_between_the_crop_and_full_view_cells():
             assert inside.size > 2000 and (inside > spec.gap_px[1] / 2 + 1).mean() < 0.01
 
 
+def test_detail_dataset_links_twins(tmp_path):
+    spec = DetailSpec.for_views(300, 400, short_side=64)
+    gt = json.loads(make_synthetic_dataset(tmp_path, 2, (300, 400), seed=4, detail=spec).read_text())
+    by_id = {a["id"]: a for a in gt["annotations"]}
+    twins = [a for a in gt["annotations"] if a["kind"] == "twin"]
+    assert twins and all("twin" in a for a in twins)
+    for a in twins:
+        other = by_id[a["twin"]]
+        assert other["twin"] == a["id"] and other["image_id"] == a["image_id"] and other["kind"] == "twin"
+    assert not any("twin" in a for a in gt["annotations"] if a["kind"] != "twin")
+
+
 def test_detail_set_partitions_and_is_seeded():
     spec = DetailSpec.for_views(300, 400, short_side=64)
     a = make_detail_image(np.random.default_rng(1), 300, 400, spec)
@@ -174,6 +186,27 @@ def test_entity_quality():
     obj = q["by_kind"]["object"]
     assert 0 < obj["mBIoU"] < obj["mIoU"] < 100
     assert entity_quality(gt, [])["mIoU"] == 0.0
+    assert math.isnan(q["twins_merged"]) and q["twin_pairs"] == 0
+
+
+def test_entity_quality_counts_merged_twins():
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:35, 5:28] = 1
+    labels[5:35, 32:55] = 2  # the other half, across a 4 px gap
+    gt = _gt(labels, ["stuff", "twin", "twin"])
+    gt["annotations"][1]["twin"], gt["annotations"][2]["twin"] = 3, 2
+
+    def rle(mask):
+        r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        r["counts"] = r["counts"].decode()
+        return {"image_id": 1, "segmentation": r, "score": 1.0}
+
+    separate = [rle(labels == 0), rle(labels == 1), rle(labels == 2)]
+    assert entity_quality(gt, separate)["twins_merged"] == 0.0
+    one = np.zeros_like(labels, bool)
+    one[5:35, 5:55] = True  # both halves and the gap: the best match of each half
+    q = entity_quality(gt, [rle(~one), rle(one)])
+    assert q["twins_merged"] == 100.0 and q["twin_pairs"] == 1
 
 
 def _view_logits(mask: np.ndarray, plan, sharpness: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,7 +288,7 @@ def test_script_smoke_and_resume(tmp_path, caplog):
     assert set(result["agreement"]["mask2former"][0]) == {"image_decoder"}
     assert len({r["dir"] for r in result["runs"]}) == 4  # two models x two seeds
     md = (tmp_path / "hires_effect.md").read_text()
-    assert "| Batch-OC (`full_crops`) |" in md and "| Mask2Former |" in md
+    assert "| Batch-OC (`full_crops`) |" in md and "| Mask2Former |" in md and "twins merged %" in md
     assert cv2.imread(str(tmp_path / "hires_effect.png")) is not None
     # Rerun: nothing is retrained or re-evaluated, and the numbers are the same.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed*/*") if p.is_file()}

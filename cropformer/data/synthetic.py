@@ -327,7 +327,8 @@ def make_synthetic_dataset(
         size: (H, W); default (256, 320), or (3000, 4000) with `hi_res` or `detail`.
         image_format: "jpg" (quality 95) or "png".
         detail: draw the detail set (`make_detail_image`) with these sizes instead of the default set;
-            each annotation then has a "kind" (one of DETAIL_KINDS).
+            each annotation then has a "kind" (one of DETAIL_KINDS), and each twin the annotation id
+            of its other half as "twin".
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -340,13 +341,15 @@ def make_synthetic_dataset(
     for i in range(num_images):
         if detail is None:
             image, labels = make_synthetic_image(rng, height, width, hi_res=hi_res)
-            kinds = None
+            kinds, partner = None, {}
         else:
-            image, labels, kinds, _ = make_detail_image(rng, height, width, detail)
+            image, labels, kinds, twins = make_detail_image(rng, height, width, detail)
+            partner = {**dict(twins), **{j: i for i, j in twins}}
         name = f"{i:06d}.{image_format}"
         if not cv2.imwrite(str(out / "images" / name), image[:, :, ::-1], params):
             raise OSError(f"could not write {out / 'images' / name}")
         images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
+        first_id = len(annotations) + 1  # entity k's annotation id is first_id + k
         for k, rle in enumerate(labels_to_rles(labels)):
             annotations.append({
                 "id": len(annotations) + 1,
@@ -357,6 +360,7 @@ def make_synthetic_dataset(
                 "area": float(mask_util.area(rle)),
                 "bbox": [float(v) for v in mask_util.toBbox(rle)],
                 **({"kind": kinds[k]} if kinds else {}),
+                **({"twin": first_id + partner[k]} if k in partner else {}),
             })
     path = out / "annotations.json"
     tmp = path.with_suffix(".json.tmp")
