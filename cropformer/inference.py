@@ -200,7 +200,7 @@ class Segmenter:
         high set lies inside the low one, so the IoU is the ratio of their areas (0 when both are empty).
         Each set is of the query alone at full resolution, before other entities take pixels."""
         centre = math.log(self.mask_threshold / (1.0 - self.mask_threshold))
-        one = torch.ones(1)
+        one = torch.ones(1, device=query_logits.device)
         lo, hi = (int(paste_entities(query_logits, *paste_args, one, out_size, mask_threshold=1.0 / (1.0 + math.exp(-x)),
                                      backend=self.paste_backend)[2][0]) for x in (centre - 1.0, centre + 1.0))
         return hi / lo if lo else 0.0
