@@ -86,13 +86,13 @@ def test_export_mode_needs_cropformer(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_full_crops_dynamic_and_aoti(tmp_path):
-    """Full image + 4 crops through the batch decoder, B/H/W dynamic, as a program and an AOTInductor
-    package, both checked in a fresh process on a batch and a size other than the traced ones."""
+    """Full image + 4 crops through the batch decoder, any batch size, as a program and an AOTInductor
+    package, both checked in a fresh process on a batch size other than the traced one."""
     cfg, model = _tiny_model()
     out = tmp_path / "full_crops"
     meta = export_model(model, cfg, out, mode="full_crops", height=64, width=96, dynamic=True, aoti=True)
     assert meta["views"] == MODES["full_crops"][0] == 5 and meta["aoti"] == {"cpu": "model_cpu.pt2"}
     for kind in ("program", "cpu"):
-        report = check_export(out, model, kind=kind, height=96, width=64, batch=2)
-        assert report["shapes"] == [[2, 12, 2], [2, 12, 5, 24, 16]], report
+        report = check_export(out, model, kind=kind, height=64, width=96, batch=3)  # traced with 2
+        assert report["shapes"] == [[3, 12, 2], [3, 12, 5, 16, 24]], report
         _assert_reproduces(report)
