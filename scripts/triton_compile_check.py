@@ -57,7 +57,7 @@ def _divisible(value) -> bool:
 
 @dataclass
 class Launch:
-    case: str  # e.g. "ms_deform_attn bf16"
+    case: str  # e.g. "ms_deform_attn bfloat16"
     fn: JITFunction
     args: dict  # parameter name -> value as passed
     options: dict  # num_warps, num_stages, ...
