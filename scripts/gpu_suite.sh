@@ -46,12 +46,14 @@ step() {  # step NAME LOG LIMIT_S COMMAND...: run COMMAND (output in $out/LOG); 
 # The visible GPU's architecture, e.g. 9.0 (an explicit TORCH_CUDA_ARCH_LIST wins): one arch keeps the build short.
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   arch=$TORCH_CUDA_ARCH_LIST
-elif [ "$dry" = 1 ]; then
-  arch=9.0
 else
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
-  [ -n "$arch" ] || arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
-    || { echo "GPU SUITE FAILED: no GPU visible (nvidia-smi and torch.cuda found none)"; exit 1; }
+  if [ -z "$arch" ] && [ "$dry" = 1 ]; then
+    arch=9.0
+  elif [ -z "$arch" ]; then
+    arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
+      || { echo "GPU SUITE FAILED: no GPU visible (nvidia-smi and torch.cuda found none)"; exit 1; }
+  fi
 fi
 archs=$(echo "$arch" | tr ';' ' ' | sed 's/+PTX//g; s/\.//g')  # "8.0;9.0+PTX" -> "80 90"
 

@@ -32,12 +32,13 @@ def test_dry_run_runs_every_step_in_order(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert steps_run(proc.stdout) == STEPS
     assert "GPU suite passed" in proc.stdout
-    # The build is for the one architecture of the GPU (9.0 in a dry run), with ptxas reports, and the
-    # resource check reads that build's log for that architecture.
+    # The build is for the one architecture of the GPU (9.0 in a dry run without nvidia-smi), with ptxas
+    # reports, and the resource check reads that build's log for that architecture.
     build = (tmp_path / "build.log").read_text()
-    assert "TORCH_CUDA_ARCH_LIST=9.0" in build and "CROPFORMER_PTXAS_VERBOSE=1" in build, build
+    arch = re.search(r"TORCH_CUDA_ARCH_LIST=(\d+)\.(\d+) ", build)
+    assert arch and "CROPFORMER_PTXAS_VERBOSE=1" in build, build
     resources = (tmp_path / "resources.log").read_text().strip()
-    assert re.search(r"cuda_resources\.py check \S*build\.log --arch 90$", resources), resources
+    assert re.search(rf"cuda_resources\.py check \S*build\.log --arch {''.join(arch.groups())}$", resources), resources
 
 
 @pytest.mark.parametrize("failing", STEPS)
@@ -47,6 +48,17 @@ def test_a_failing_step_stops_the_suite(tmp_path, failing):
     assert steps_run(proc.stdout) == STEPS[: STEPS.index(failing) + 1], proc.stdout
     assert f"GPU SUITE FAILED at step '{failing}'" in proc.stdout
     assert "GPU suite passed" not in proc.stdout
+
+
+def test_build_is_for_the_visible_gpu(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 8.6\n")  # what --query-gpu=compute_cap prints
+    (fake / "nvidia-smi").chmod(0o755)
+    proc = run_suite(tmp_path, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH_CUDA_ARCH_LIST=8.6" in (tmp_path / "build.log").read_text()
+    assert (tmp_path / "resources.log").read_text().strip().endswith("--arch 86")
 
 
 def test_explicit_arch_list_is_built_and_checked(tmp_path):
