@@ -63,7 +63,11 @@ def compile_report(tmp_path_factory):
 
 
 def _failures(records):
-    return [f"sm_{r['arch']} {r['launch']}:\n    " + "\n    ".join(r["problems"]) for r in records if not r["ok"]]
+    """One message per failed record; the compiler's own diagnostics (MLIR) go to stderr:
+    `python scripts/triton_compile_check.py --only KERNEL` shows them."""
+    return [f"sm_{r['arch']} {r['launch']}:\n    " + "\n    ".join(r["problems"])
+            + f"\n    (details: python scripts/triton_compile_check.py --only {r['kernel'].split('.')[-1]})"
+            for r in records if not r["ok"]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
