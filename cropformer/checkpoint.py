@@ -147,8 +147,8 @@ def content_digest(obj: Any) -> str:
     strings, numbers and None, independent of dict order: the SHA-256 of its structure and of the
     CRC-32 of each tensor's bytes.
 
-    CRC-32, as in zip files, catches accidental damage (flipped, zeroed or lost bytes) at about a
-    third of SHA-256's cost (docs/BENCHMARKS.md); it is no defence against deliberate tampering, which
+    CRC-32, as in zip files, catches accidental damage (flipped, zeroed or lost bytes) at a fraction
+    of SHA-256's cost (docs/BENCHMARKS.md); it is no defence against deliberate tampering, which
     cannot run code anyway (weights-only loading). Tensors are checked on a few threads (zlib releases
     the GIL), one tensor per task so that at most that many are copied at once (CUDA or non-contiguous).
     """
