@@ -6,7 +6,7 @@
 #   BUILD_LOG  output of an extension build made with CROPFORMER_PTXAS_VERBOSE=1 for sm_80 and sm_90 (pip
 #              shows the compiler's output only with -v): its ptxas reports are checked.
 #   no file    device-only nvcc of each .cu file for both architectures (no host compile of torch's
-#              headers: ~35 s on 2 cores), output kept in build/ptxas.log, then the check.
+#              headers: ~30 CPU-seconds), output kept in build/ptxas.log, then the check.
 # CUDA_CHECK_ARCHS="80 90" chooses the architectures; PYTHON the interpreter (it needs torch for `compile`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
