@@ -91,10 +91,12 @@ TRAIN_CASES = [
      ["weights.safetensors: not a training checkpoint", "--init"]),
     ("--resume of another model", lambda f, t: _train_args(f, t, "--resume", str(f / "other_model.pth")),
      ["other_model.pth: its model config differs"]),
-    ("truncated --init", lambda f, t: _train_args(f, t, "--init", str(f / "truncated.safetensors")), ["truncated.safetensors: truncated"]),
+    ("truncated --init", lambda f, t: _train_args(f, t, "--init", str(f / "truncated.safetensors")),
+     ["truncated.safetensors: truncated"]),
     ("photo as --init", lambda f, t: _train_args(f, t, "--init", str(f / "photo.pth")), ["photo.pth: not a loadable weights pickle"]),
     ("empty --init", lambda f, t: _train_args(f, t, "--init", str(f / "empty.pth")), ["empty.pth: empty file"]),
-    ("output_dir is a file", lambda f, t: _train_args(f, t, "--set", f"output_dir={f / 'a_file'}"), ["a_file: exists and is not a folder"]),
+    ("output_dir is a file", lambda f, t: _train_args(f, t, "--set", f"output_dir={f / 'a_file'}"),
+     ["a_file: exists and is not a folder"]),
 ]
 
 

@@ -137,7 +137,8 @@ def test_full_disk_on_a_real_tmpfs(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     ckpt = folder / "last_checkpoint.pth"
     assert out["checkpoint_error"] == f"[Errno 28] no space left on device writing {ckpt}; previous checkpoint {ckpt} is intact"
-    assert out["weights_error"] == f"[Errno 28] no space left on device writing {folder / 'w.safetensors'}; {folder / 'w.safetensors'} was not created"
+    weights = folder / "w.safetensors"
+    assert out["weights_error"] == f"[Errno 28] no space left on device writing {weights}; {weights} was not created"
     assert out["iteration"] == 1  # loaded with its checksum verified
     assert out["files"] == ["last_checkpoint.pth"]  # no temporary file, no partial weights
 
