@@ -292,7 +292,7 @@ def _read_history(path: Path, upto: int) -> dict:
     if not path.exists():
         return history
     kept = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):  # damaged bytes: a bad line
         try:
             rec = json.loads(line)
             iteration = rec["iteration"]

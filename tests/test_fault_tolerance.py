@@ -40,10 +40,11 @@ def _temp_files(folder: Path) -> list[str]:
 # metrics.jsonl and temporary files
 
 
-def test_torn_last_metrics_line_is_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("tail", [b'{"iteration": 4, "total_lo', b"\xff\xfe\x00\x00"], ids=["killed mid-write", "garbage bytes"])
+def test_torn_last_metrics_line_is_dropped(tmp_path, caplog, tail):
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"iteration": i, "total_loss": 10.0 - i}) for i in (1, 2, 3)]
-    path.write_text("\n".join(good) + '\n{"iteration": 4, "total_lo')  # killed mid-write
+    path.write_bytes("\n".join(good).encode() + b"\n" + tail)
     with caplog.at_level(logging.WARNING, logger="cropformer.train"):
         history = _read_history(path, upto=2)
     assert history["total_loss"] == [(1, 9.0), (2, 8.0)]
