@@ -199,17 +199,21 @@ def check(text: str, archs: list[int], launches: dict[str, Launch] = LAUNCHES,
     return lines, failures
 
 
+def setup_nvcc_flags() -> list[str]:
+    """setup.py's NVCC_FLAGS, read from its source: one list for the build and this check."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets))
+
+
 def nvcc_flags() -> list[str]:
-    """setup.py's NVCC_FLAGS (read from its source: one list for the build and this check), torch's
-    common nvcc flags and include folders, as the extension build uses them."""
+    """setup.py's NVCC_FLAGS, torch's common nvcc flags and include folders, as the extension build has them."""
     import sysconfig
 
     import torch
     from torch.utils import cpp_extension
 
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    setup_flags = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                       and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets))
+    setup_flags = setup_nvcc_flags()
     std = "c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14) else "c++17"
     includes = [str(CSRC), *cpp_extension.include_paths("cuda"), sysconfig.get_paths()["include"]]
     purelib = Path(sysconfig.get_paths()["purelib"])

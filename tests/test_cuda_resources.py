@@ -6,7 +6,9 @@ reads what ptxas prints and that the checker flags what cannot launch.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
 import re
 import sys
 
@@ -148,3 +150,27 @@ def test_known_failure_is_strict(known_failure):
         assert len(failures) == 2 and all("49424 bytes > 49152" in f for f in failures), failures
     _, failures = cr.check(sample, [80, 90], _launches(max_dynamic_smem=1024, known_failure=known_failure))
     assert bool(failures) == bool(known_failure)
+
+
+def test_setup_passes_the_checked_flags_to_nvcc():
+    """setup.py compiles with NVCC_FLAGS (what `compile` reads), plus -Xptxas -v under
+    CROPFORMER_PTXAS_VERBOSE=1 (what gpu_suite.sh's resource step reads) and CROPFORMER_NVCC_FLAGS."""
+    import subprocess
+
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip("CPU-only torch: setup.py builds no CUDA sources")
+    probe = ("import setuptools\n"
+             "setuptools.setup = lambda **kw: print(kw['ext_modules'][0].extra_compile_args['nvcc'])\n"
+             "exec(compile(open('setup.py').read(), 'setup.py', 'exec'),\n"
+             "     {'__name__': '__main__', '__file__': 'setup.py'})\n")
+    env = dict(os.environ, CROPFORMER_BUILD_EXT="1", CROPFORMER_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0",
+               CROPFORMER_PTXAS_VERBOSE="1", CROPFORMER_NVCC_FLAGS="-DPROBE=1")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    if "no CUDA build is possible" in proc.stderr:
+        pytest.skip("no CUDA toolkit (nvcc) here")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flags = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the printed list
+    assert flags == [*cr.setup_nvcc_flags(), "-DPROBE=1", "-Xptxas", "-v"], flags
+    assert "-O3" in flags
