@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU suite in one command, for a lent GPU machine (torch and triton preinstalled, no network); about
-# 8 minutes on one H100/H200 including the build. It stops with a non-zero status at the first failing step:
+# The GPU suite in one command, for a lent GPU machine (torch and triton preinstalled, no network), budgeted
+# at 8 minutes on one H100/H200 including the build (the step limits below; not yet run on a GPU). It stops
+# with a non-zero status at the first failing step:
 #   env.txt         device, driver, torch/triton versions, date
 #   build.log       the extension with its CUDA kernels for the visible GPU's architecture only (ptxas -v)
 #   resources.log   each CUDA kernel's registers / spills / shared memory against its launch configuration
