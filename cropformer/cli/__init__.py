@@ -27,6 +27,7 @@ COMMANDS = {
     "convert": "convert an official / HuggingFace / ImageNet checkpoint to ours",
     "export": "export the network as a torch.export program / AOTInductor package",
     "info": "versions, compiled extension, and the backend `auto` picks for each op",
+    "synthetic": "write a synthetic entity dataset (the demo's data, the crop-ensemble detail set)",
 }
 
 

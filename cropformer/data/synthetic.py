@@ -24,7 +24,6 @@ about a second on one CPU core here.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -377,26 +376,10 @@ def make_synthetic_dataset(
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (annotations.json, images/)")
-    ap.add_argument("--num-images", type=int, default=50)
-    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                    help="image size; default 256 320, or 3000 4000 with --hi-res or --detail")
-    ap.add_argument("--hi-res", action="store_true", help="thin structures of 1-4 px at full resolution")
-    ap.add_argument("--detail", type=int, metavar="SHORT_SIDE", default=None,
-                    help="the detail set (twins, thin structures, small discs) sized for views at this test short side")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--format", choices=("jpg", "png"), default="jpg")
-    args = ap.parse_args(argv)
-    size = tuple(args.size) if args.size else None
-    detail = None
-    if args.detail is not None:
-        detail = DetailSpec.for_views(*(size or (3000, 4000)), short_side=args.detail)
-    path = make_synthetic_dataset(args.out, args.num_images, size, hi_res=args.hi_res, seed=args.seed,
-                                  image_format=args.format, detail=detail)
-    print(f"wrote {path}")
+if __name__ == "__main__":  # `python -m cropformer.data.synthetic` = `cropformer synthetic`
+    import sys
 
+    from ..cli import run
+    from ..cli.synthetic import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
