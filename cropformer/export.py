@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,7 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
         kind: "program" (the torch.export program) or a device of the AOTInductor packages ("cpu").
     Returns:
         {"load_s", "first_call_s", "latency_s" (median of the later calls), "max_abs_diff": [per output]}
-        and "eager_s" (one eager call here, for comparison).
+        and "eager_s" (median of `repeat` eager calls here, for comparison).
     """
     folder = Path(folder)
     meta = json.loads((folder / METADATA).read_text())
@@ -199,10 +200,12 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
     device = next(model.parameters()).device
     images, sizes = example_inputs(views, height, width, batch=batch, seed=1, device=device)
     net = ExportedNetwork(model, batch_decoder).eval()
+    eager_times = []
     with torch.no_grad():
-        start = time.perf_counter()
-        expected = net(images, sizes)
-        eager_s = time.perf_counter() - start
+        for _ in range(repeat):
+            start = time.perf_counter()
+            expected = net(images, sizes)
+            eager_times.append(time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         io_path = os.path.join(tmp, "io.pt")
         torch.save({"images": images, "image_sizes": sizes}, io_path)
@@ -215,7 +218,7 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
             raise RuntimeError(f"loading {folder} ({kind}) in a fresh process failed:\n{proc.stderr[-3000:]}")
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         got = torch.load(io_path + ".out", weights_only=True)["outputs"]
-    report["eager_s"] = eager_s
+    report["eager_s"] = statistics.median(eager_times)
     report["max_abs_diff"] = [(g - e.cpu()).abs().max().item() for g, e in zip(got, expected)]
     report["shapes"] = [list(g.shape) for g in got]
     return report
