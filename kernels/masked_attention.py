@@ -21,7 +21,9 @@ tensor is ever written:
 
 The grid puts heads on axis 0, so the H programs that read the same logits tile run side by side and
 share it through L2. Block sizes are fixed heuristics (not autotuned) so that the interpreter runs the
-same code as the GPU.
+same code as the GPU. Each kernel's looped block is then halved, if need be, until an estimate of its
+shared memory fits the device (`_fit_shared`). Head sizes up to MAX_HEAD_DIM are supported (the dispatch sends larger
+ones elsewhere).
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ import triton.language as tl
 from cropformer.ops._dispatch import cuda_device_guard
 
 LOG2E = 1.0 / math.log(2.0)
+MAX_HEAD_DIM = 128  # the largest D the compile check (scripts/triton_compile_check.py) compiles
+# Per-block shared memory (opt-in) of an A100 (sm_80), the smallest of the GPUs the compile check targets:
+# the budget off a GPU, so that the interpreter and the compile check launch what an A100 would.
+A100_SHARED_BYTES = 166912
+NUM_STAGES = 2  # software pipeline depth of the flash kernels' loops
 
 
 @triton.jit
@@ -272,6 +279,34 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_limit(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _device_shared(device: torch.device) -> int:
+    if device.type != "cuda":
+        return A100_SHARED_BYTES
+    return _shared_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _fit_shared(loop_block: int, other_block: int, block_d: int, resident: int, itemsize: int,
+                logit_itemsize: int, limit: int) -> int:
+    """The looped block, halved (tl.dot needs >= 16) until the kernel's estimated shared memory fits `limit`.
+
+    The kernel's loop loads two loop_block x block_d operands and a loop_block x other_block logits tile
+    (NUM_STAGES copies in flight); `resident` other_block x block_d operands are loaded once. The estimate
+    is a model, not Triton's allocation: scripts/triton_compile_check.py compiles the launches and checks
+    the real figure (fp32 with TF32 at D = 128 needs the dkdv kernel's query block halved on an A100)."""
+    fixed = resident * other_block * block_d * itemsize
+    while loop_block > 16:
+        looped = loop_block * (2 * block_d * itemsize + other_block * logit_itemsize)
+        if NUM_STAGES * looped + fixed <= limit:
+            break
+        loop_block //= 2
+    return loop_block
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -329,6 +364,9 @@ def masked_attention_forward(q, k, v, mask_logits, *, block_q=None, block_k=None
     B, H, Q, D = q.shape
     K = k.shape[2]
     block_q, block_k, block_d = _blocks(Q, D, block_q, block_k)
+    # loops over key blocks (k, v, logits); q stays
+    block_k = _fit_shared(block_k, block_q, block_d, 1, q.element_size(), mask_logits.element_size(),
+                                  _device_shared(q.device))
     q_blocks = triton.cdiv(Q, block_q)
     num_splits, keys_per_split = _splits(q.device, B * H * q_blocks, K, block_k, num_splits)
     row_open = masked_attention_row_open(mask_logits)
@@ -344,7 +382,7 @@ def masked_attention_forward(q, k, v, mask_logits, *, block_q=None, block_k=None
             *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(),
             B, H, Q, K, D, keys_per_split, D ** -0.5 * LOG2E,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-            UPCAST=_upcast(q.dtype), num_warps=4, num_stages=2,
+            UPCAST=_upcast(q.dtype), num_warps=4, num_stages=NUM_STAGES,
         )
     if num_splits == 1:
         return o[0], lse[0], row_open
@@ -358,6 +396,8 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
     B, H, Q, D = q.shape
     K = k.shape[2]
     block_q, block_k, block_d = _blocks(Q, D, block_q, block_k)
+    fit = functools.partial(_fit_shared, block_d=block_d, itemsize=q.element_size(),
+                            logit_itemsize=mask_logits.element_size(), limit=_device_shared(q.device))
     precision = _precision(q.dtype)
     qk_scale_log2 = D ** -0.5 * LOG2E
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # B x H x Q: rowsum(dO * O)
@@ -365,15 +405,17 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
 
     dk = torch.empty(B, H, K, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, K, D, dtype=v.dtype, device=v.device)
+    dkdv_block_q = fit(block_q, block_k, resident=2)  # loops over query blocks (q, dO, logits); k, v stay
     with cuda_device_guard(q.device):
         _masked_attention_bwd_dkdv_kernel[(H, triton.cdiv(K, block_k), B)](
             q, k, v, mask_logits, row_open, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
             H, Q, K, D, qk_scale_log2, D ** -0.5,
-            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
-            num_warps=4, num_stages=2,
+            BLOCK_Q=dkdv_block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
+            UPCAST=_upcast(q.dtype), num_warps=4, num_stages=NUM_STAGES,
         )
 
+    block_k = fit(block_k, block_q, resident=2)  # loops over key blocks (k, v, logits); q, dO stay
     q_blocks = triton.cdiv(Q, block_q)
     num_splits, keys_per_split = _splits(q.device, B * H * q_blocks, K, block_k, num_splits)
     dq_dtype = q.dtype if num_splits == 1 else torch.float32
@@ -384,7 +426,7 @@ def masked_attention_backward(grad_out, q, k, v, mask_logits, out, lse, row_open
             *q.stride(), *k.stride(), *v.stride(), *mask_logits.stride(), *grad_out.stride(),
             B, H, Q, K, D, keys_per_split, qk_scale_log2, D ** -0.5,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(q.dtype),
-            num_warps=4, num_stages=2,
+            num_warps=4, num_stages=NUM_STAGES,
         )
     dq = dq[0] if num_splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv

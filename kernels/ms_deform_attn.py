@@ -31,9 +31,12 @@ from cropformer.ops._dispatch import cuda_device_guard
 
 @triton.jit
 def _corner_offsets(base, xi, yi, hl, wl, HD, inside):
-    """Element offset of value[b, start + yi * w + xi, h, 0] for each row, 0 where the corner is outside."""
+    """Element offset of value[b, start + yi * w + xi, h, 0] for each row, and whether the corner is inside.
+
+    The offset of an outside corner is left as computed (loads and atomics masked with `ok` never touch it):
+    zeroing it with tl.where(ok, ...) crashes Triton 3.6 and 3.7's layout pass (issue 14)."""
     ok = inside & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
-    off = tl.where(ok, base + (yi.to(tl.int64) * wl + xi) * HD, 0)
+    off = base + (yi.to(tl.int64) * wl + xi) * HD
     return off, ok
 
 

@@ -10,8 +10,9 @@ Backends behind `masked_cross_attention`:
   the custom op ``torch.ops.cropformer.masked_cross_attention_fwd`` (+ ``_bwd``) with fake
   implementations, so `torch.compile` traces through it.
 
-``auto`` picks ``triton`` for fp16/bf16/fp32 CUDA tensors, ``cpu`` for CPU tensors (never the Triton
-interpreter, which exists for tests) and the reference otherwise.
+``auto`` picks ``triton`` for fp16/bf16/fp32 CUDA tensors with head size D <= 128 (the kernels' limit),
+``cpu`` for CPU tensors (never the Triton interpreter, which exists for tests) and the reference
+otherwise.
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     """Masked cross-attention; see `masked_cross_attention_ref` for shapes and semantics.
 
     Args:
-        backend: "auto" (Triton for fp16/bf16/fp32 CUDA tensors, "cpu" for CPU tensors, else the
+        backend: "auto" (Triton for fp16/bf16/fp32 CUDA tensors with D <= 128, "cpu" for CPU tensors, else the
             reference), "torch", "triton" or "cpu". An explicit backend that cannot run raises a
             RuntimeError.
     Returns:
@@ -195,6 +196,13 @@ def masked_cross_attention(q, k, v, mask_logits, backend="auto"):
     _check_inputs(q, k, v, mask_logits)
     choice = _choose_backend(backend, q.device, q.dtype)
     if choice == "triton":
+        from cropformer.kernels.masked_attention import MAX_HEAD_DIM
+
+        if q.shape[3] > MAX_HEAD_DIM:  # the kernels' tiles would not fit in shared memory
+            if backend == "triton":
+                raise RuntimeError(f"masked_cross_attention: backend 'triton' supports head sizes up to "
+                                   f"{MAX_HEAD_DIM}, got D = {q.shape[3]}")
+            return masked_cross_attention_ref(q, k, v, mask_logits)
         if q.shape[2] == 0:
             return q.new_empty(q.shape)
         return torch.ops.cropformer.masked_cross_attention_fwd(q, k, v, mask_logits)[0]

@@ -10,7 +10,6 @@ so a rerun takes seconds; a cold run is about 2.5 CPU minutes.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -24,27 +23,6 @@ from tests.conftest import REPO
 ARCHS = (80, 90)
 OPS = ("ms_deform_attn", "masked_attention", "point_mask", "paste")
 
-
-def _triton_version() -> tuple[int, int]:
-    try:
-        return tuple(int(x) for x in importlib.metadata.version("triton").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
-# Compile or resource failures that are reported bugs, (kernel, case, arch) -> reason. Each is an xfail
-# (strict) below, so a fix makes the suite say so; every other record must pass.
-KNOWN_FAILURES = {
-    ("masked_attention._masked_attention_bwd_dkdv_kernel", "masked_attention float32 tf32 Q=200 D=128", 80):
-        "issue 14: fp32 with TF32 at D = 128 (BLOCK_Q 64, BLOCK_K 32, 2 stages) needs 172800 bytes of shared "
-        "memory, more than sm_80's 166912; the dispatch accepts any head size",
-}
-if _triton_version() < (3, 8):
-    KNOWN_FAILURES.update({
-        ("ms_deform_attn._ms_deform_attn_fwd_kernel", f"ms_deform_attn {dtype}", arch):
-            "issue 14: Triton 3.6 and 3.7 fail in TritonGPURemoveLayoutConversions ('arith.select' condition "
-            "layout mismatch at the tl.where of _corner_offsets, kernels/ms_deform_attn.py); 3.8 compiles it"
-        for dtype in ("float32", "float16", "bfloat16") for arch in ARCHS})
 
 pytestmark = [pytest.mark.slow]
 
@@ -76,16 +54,6 @@ def test_kernels_compile(compile_report, op, arch):
     """Each launch configuration of the op's kernels compiles for the architecture within its limits."""
     records = [r for r in compile_report["records"] if r["kernel"].startswith(op + ".") and r["arch"] == arch]
     assert records, f"no {op} kernel was compiled for sm_{arch}"
-    checked = [r for r in records if (r["kernel"], r["case"], r["arch"]) not in KNOWN_FAILURES]
-    assert not _failures(checked), "\n".join(_failures(checked))
-
-
-@pytest.mark.parametrize("key", [pytest.param(k, id=f"{k[0]}-{k[1]}-sm{k[2]}",
-                                              marks=pytest.mark.xfail(strict=True, reason=v))
-                                 for k, v in KNOWN_FAILURES.items()])
-def test_known_failures(compile_report, key):
-    records = [r for r in compile_report["records"] if (r["kernel"], r["case"], r["arch"]) == key]
-    assert records, f"no record {key}: the case was renamed or removed; update KNOWN_FAILURES"
     assert not _failures(records), "\n".join(_failures(records))
 
 
