@@ -7,6 +7,8 @@ writes a folder that runs WITHOUT the model code, with torch and the folder only
     program.pt2        the network as a `torch.export` program (`torch.export.load(...).module()`)
     model_<device>.pt2 (aoti=True) the same compiled ahead of time by AOTInductor
                        (`torch._inductor.aoti_load_package`)
+    model.onnx         (onnx=True; needs onnx + onnxscript) ONNX, deformable attention as GridSample per
+                       level: no custom op at all (onnxruntime, TensorRT, ...)
     cropformer_ops.so  our compiled kernel library (a copy of `cropformer/_C`), loaded with
                        `torch.ops.load_library`: it defines `torch.ops.cropformer_C.ms_deform_attn_forward`
     export.json        what goes in and out, the config, the versions, and the check that was run
@@ -54,7 +56,8 @@ from .ops._dispatch import compiled_extension
 # Views per mode, and whether the batch decoder runs (as in `cropformer.inference`).
 MODES = {"full_crops": (5, True), "crops": (4, True), "full_batch": (1, True), "full_image": (1, False),
          "single": (1, False)}
-PROGRAM, OPS_LIBRARY, METADATA = "program.pt2", "cropformer_ops.so", "export.json"
+PROGRAM, ONNX, OPS_LIBRARY, METADATA = "program.pt2", "model.onnx", "cropformer_ops.so", "export.json"
+ONNX_OPSET = 20  # GridSample's bilinear mode is named "linear" from 20 on
 STRIDE = 32  # exported H and W are multiples of this (the backbone's largest stride)
 
 
@@ -156,6 +159,46 @@ def aoti_package(program: torch.export.ExportedProgram, path: str | Path) -> Pat
     return Path(aoti_compile_and_package(program, package_path=str(path)))
 
 
+def _ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The compiled kernel in ONNX ops, as `ms_deform_attn_ref` computes it (GridSample per level); traced
+    by onnxscript (L and P static, the rest read from the shapes)."""
+    from onnxscript import opset20 as op
+
+    L, P = sampling_locations.shape[3], sampling_locations.shape[4]
+    shape = op.Shape(value)  # B, S, H, D
+    B, H, D = op.Slice(shape, [0], [1]), op.Slice(shape, [2], [3]), op.Slice(shape, [3], [4])
+    BH, Q = op.Mul(B, H), op.Slice(op.Shape(sampling_locations), [1], [2])
+    grids = op.Sub(op.Mul(sampling_locations, op.CastLike(2.0, value)), op.CastLike(1.0, value))
+    sampled = []
+    for lvl in range(L):
+        hw = op.Gather(spatial_shapes, op.Constant(value_int=lvl), axis=0)
+        h, w = op.Slice(hw, [0], [1]), op.Slice(hw, [1], [2])
+        start = op.Gather(level_start_index, op.Constant(value_ints=[lvl]), axis=0)
+        v = op.Slice(value, start, op.Add(start, op.Mul(h, w)), [1])  # B x hw x H x D
+        v = op.Reshape(op.Transpose(v, perm=[0, 2, 3, 1]), op.Concat(BH, D, h, w, axis=0))  # BH x D x h x w
+        g = op.Gather(grids, op.Constant(value_int=lvl), axis=3)  # B x Q x H x P x 2
+        g = op.Reshape(op.Transpose(g, perm=[0, 2, 1, 3, 4]), op.Concat(BH, Q, op.Constant(value_ints=[P, 2]), axis=0))
+        s = op.GridSample(v, g, mode="linear", padding_mode="zeros", align_corners=0)  # BH x D x Q x P
+        sampled.append(op.Unsqueeze(s, op.Constant(value_ints=[3])))
+    LP = op.Constant(value_ints=[L * P])
+    stacked = op.Reshape(op.Concat(*sampled, axis=3), op.Concat(BH, D, Q, LP, axis=0))  # BH x D x Q x LP
+    weights = op.Reshape(op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4]),
+                         op.Concat(BH, op.Constant(value_ints=[1]), Q, LP, axis=0))  # BH x 1 x Q x LP
+    out = op.ReduceSum(op.Mul(stacked, weights), op.Constant(value_ints=[3]), keepdims=0)  # BH x D x Q
+    return op.Transpose(op.Reshape(out, op.Concat(B, op.Mul(H, D), Q, axis=0)), perm=[0, 2, 1])
+
+
+def onnx_model(program: torch.export.ExportedProgram, path: str | Path) -> None:
+    """Write `program` as ONNX to `path`, the compiled kernel translated by `_ms_deform_attn_onnx`.
+    Needs the optional packages onnx and onnxscript (ImportError naming them otherwise)."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from exc
+    table = {torch.ops.cropformer_C.ms_deform_attn_forward.default: _ms_deform_attn_onnx}
+    torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=table).save(str(path))
+
+
 # The whole loader a deployment needs (also run by `check_export` in a fresh process): torch + the folder.
 LOADER = r'''
 import json, statistics, sys, time
@@ -164,11 +207,18 @@ import torch
 folder, kind, io_path, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 meta = json.load(open(f"{folder}/export.json"))
 start = time.perf_counter()
-torch.ops.load_library(f"{folder}/{meta['ops_library']}")
-if kind == "program":
+if kind == "onnx":  # standard ONNX ops only: no library to load
+    import onnxruntime
+    session = onnxruntime.InferenceSession(f"{folder}/{meta['onnx']}", providers=["CPUExecutionProvider"])
+    def net(images, image_sizes):
+        feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+elif kind == "program":
+    torch.ops.load_library(f"{folder}/{meta['ops_library']}")
     net = torch.export.load(f"{folder}/{meta['program']}").module()
 else:
     from torch._inductor import aoti_load_package
+    torch.ops.load_library(f"{folder}/{meta['ops_library']}")
     net = aoti_load_package(f"{folder}/{meta['aoti'][kind]}")
 load_s = time.perf_counter() - start
 io = torch.load(io_path, weights_only=True)
@@ -189,7 +239,8 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
     there) on new inputs of `batch` x `height` x `width`, and compare with `model` run eagerly here.
 
     Args:
-        kind: "program" (the torch.export program) or a device of the AOTInductor packages ("cpu").
+        kind: "program" (the torch.export program), "onnx" (with onnxruntime, CPU) or a device of the
+            AOTInductor packages ("cpu").
     Returns:
         {"load_s", "first_call_s", "latency_s" (median of the later calls), "max_abs_diff": [per output]}
         and "eager_s" (median of `repeat` eager calls here, for comparison).
@@ -225,7 +276,7 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
 
 
 def export_model(model: nn.Module, cfg: Config, out: str | Path, *, mode: str, height: int, width: int,
-                 dynamic: bool = True, aoti: bool = False, source: str = "") -> dict:
+                 dynamic: bool = True, aoti: bool = False, onnx: bool = False, source: str = "") -> dict:
     """Write the export folder `out` (see the module docstring); returns its metadata.
 
     The folder is built under a temporary name beside `out` and renamed into place at the end, so an
@@ -241,6 +292,9 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, *, mode: str, h
     timings["export_s"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; it is an ordinary output
     try:
         torch.export.save(program, str(tmp / PROGRAM))
         shutil.copyfile(compiled_extension().__file__, tmp / OPS_LIBRARY)
@@ -251,6 +305,10 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, *, mode: str, h
             aoti_package(program, tmp / name)
             packages[device.type] = name
             timings["aoti_compile_s"] = time.perf_counter() - start
+        if onnx:
+            start = time.perf_counter()
+            onnx_model(program, tmp / ONNX)
+            timings["onnx_export_s"] = time.perf_counter() - start
         views, batch_decoder = MODES[mode]
         meta = {
             "format": "cropformer-export-v1",
@@ -266,6 +324,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, *, mode: str, h
             "device": device.type,
             "program": PROGRAM,
             "aoti": packages,
+            "onnx": ONNX if onnx else None,
             "ops_library": OPS_LIBRARY,
             "torch": torch.__version__,
             "source": source,

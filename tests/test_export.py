@@ -96,3 +96,19 @@ def test_export_full_crops_dynamic_and_aoti(tmp_path):
         report = check_export(out, model, kind=kind, height=64, width=96, batch=3)  # traced with 2
         assert report["shapes"] == [[3, 12, 2], [3, 12, 5, 16, 24]], report
         _assert_reproduces(report)
+
+
+def test_export_onnx_runs_in_onnxruntime(tiny_ckpt, tmp_path, capsys):
+    """--onnx: deformable attention translated to ONNX ops; the model runs in onnxruntime in a fresh
+    process (no torch custom op, no library) and reproduces the eager network. onnx, onnxscript and
+    onnxruntime are optional: not part of the install."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    out = tmp_path / "onnx"
+    assert export_main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--mode", "full_crops", "--size", "64", "96",
+                        "--onnx"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    check = [r for r in lines if r.get("check") == "onnx"]
+    assert len(check) == 1, lines
+    assert check[0]["shapes"] == [[1, 12, 2], [1, 12, 5, 16, 24]]
+    _assert_reproduces(check[0])

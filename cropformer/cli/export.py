@@ -3,21 +3,20 @@
     cropformer export --ckpt model_final.safetensors --out exported/ [--mode full_crops] [--aoti]
     cropformer export --ckpt CropFormer_swin_tiny_3x.pth --cfg cropformer_swin_tiny_3x --out ct/ --size 800 1216
 
-Writes the folder --out (refused if it exists): program.pt2, model_<device>.pt2 (--aoti), cropformer_ops.so
-and export.json; see `cropformer.export` for what goes in and out and how to load it with torch alone.
+Writes the folder --out (refused if it exists): program.pt2, model_<device>.pt2 (--aoti), model.onnx
+(--onnx), cropformer_ops.so and export.json; see `cropformer.export` for what goes in and out and how to load it with torch alone.
 The program takes views of one size (--size; pad smaller views to it and give their sizes) and any batch
 size (--static: 1). Then loads it in a fresh process without our code, runs it on new random inputs and
-compares with the eager model (skip with --no-check); prints load time, latency and the largest difference.
+compares with the eager model (skip with --no-check; ONNX is checked when onnxruntime is installed);
+prints load time, latency and the largest difference.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import logging
 
 from . import UserError, add_common_options, setup_logging
-
-logger = logging.getLogger("cropformer.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size of the views, multiples of 32 (default: test short side x 4/3 of it)")
     p.add_argument("--static", action="store_true", help="batch size fixed to 1 (default: any)")
     p.add_argument("--aoti", action="store_true", help="also compile an AOTInductor package (minutes on a CPU)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device the export runs on")
     p.add_argument("--no-check", action="store_true", help="skip loading the export in a fresh process")
     add_common_options(p)
@@ -75,14 +75,16 @@ def main(argv=None) -> int:
 
     try:
         meta = export_model(model, cfg, args.out, mode=mode, height=height, width=width, dynamic=not args.static,
-                            aoti=args.aoti, source=str(args.ckpt))
-    except FileExistsError as exc:
+                            aoti=args.aoti, onnx=args.onnx, source=str(args.ckpt))
+    except (FileExistsError, ImportError) as exc:  # --out taken; --onnx without its packages
         raise UserError(str(exc)) from None
     print(json.dumps({"out": args.out, "mode": mode, "views": meta["views"], "dynamic": meta["dynamic"],
-                      "files": [meta["program"], *meta["aoti"].values(), meta["ops_library"]], **meta["timings"]}))
+                      "files": [meta["program"], *meta["aoti"].values(), *([meta["onnx"]] if meta["onnx"] else []),
+                                meta["ops_library"]], **meta["timings"]}))
     if args.no_check:
         return 0
-    for kind in ["program", *meta["aoti"]]:
+    kinds = ["program", *meta["aoti"]] + (["onnx"] if meta["onnx"] and importlib.util.find_spec("onnxruntime") else [])
+    for kind in kinds:
         # batch 1: not the batch a dynamic export was traced with (2)
         report = check_export(args.out, model, kind=kind, height=height, width=width, batch=1)
         print(json.dumps({"check": kind, **report}))
