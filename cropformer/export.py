@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .config import Config, to_dict
-from .ops._dispatch import compiled_extension
+from .ops._dispatch import compiled_extension, has_compiled_op
 
 # Views per mode, and whether the batch decoder runs (as in `cropformer.inference`).
 MODES = {"full_crops": (5, True), "crops": (4, True), "full_batch": (1, True), "full_image": (1, False),
@@ -96,7 +96,7 @@ def _exportable(model: nn.Module, device: torch.device) -> nn.Module:
     kernel (required), masked attention as SDPA (CPU) or its torch reference (CUDA)."""
     from .modeling.pixel_decoder import MSDeformAttn
 
-    if not hasattr(torch.ops.cropformer_C, "ms_deform_attn_forward") and compiled_extension() is None:
+    if not has_compiled_op("ms_deform_attn_forward"):
         raise RuntimeError("export needs the compiled extension cropformer._C (its deformable-attention kernel is "
                            "part of the exported graph); reinstall with a C++ compiler: "
                            "pip install --no-build-isolation -e .")
@@ -135,7 +135,7 @@ def export_program(model: nn.Module, *, mode: str, height: int, width: int, dyna
     if batch_decoder and not getattr(model, "is_cropformer", False):
         raise ValueError(f"mode {mode!r} needs a CropFormer model; this is a Mask2Former baseline (use 'single')")
     if height % STRIDE or width % STRIDE:
-        raise ValueError(f"the example size {height}x{width} must be a multiple of {STRIDE}")
+        raise ValueError(f"the size {height}x{width} must be a multiple of {STRIDE}")
     device = next(model.parameters()).device
     net = ExportedNetwork(_exportable(model, device), batch_decoder)
     _register_compiled_msda_fake()
@@ -234,7 +234,7 @@ print(json.dumps({"load_s": load_s, "first_call_s": times[0], "latency_s": stati
 
 
 def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program", height: int, width: int,
-                 batch: int = 1, repeat: int = 3, block_model_code: bool = True) -> dict:
+                 batch: int = 1, repeat: int = 3) -> dict:
     """Run the export in `folder` in a fresh Python process (torch only: `cropformer` is made unimportable
     there) on new inputs of `batch` x `height` x `width`, and compare with `model` run eagerly here.
 
@@ -261,9 +261,10 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
         io_path = os.path.join(tmp, "io.pt")
         torch.save({"images": images, "image_sizes": sizes}, io_path)
         # `import cropformer` fails in the child: the export must not need our Python code
-        prelude = "import sys; sys.modules['cropformer'] = None\n" if block_model_code else ""
+        prelude = "import sys; sys.modules['cropformer'] = None\n"
         env = {**os.environ, "PYTHONPATH": ""}  # nor find it through the repository on the path
-        proc = subprocess.run([sys.executable, "-c", prelude + LOADER, str(folder), kind, io_path, str(repeat)],
+        proc = subprocess.run([sys.executable, "-c", prelude + LOADER, str(folder.resolve()), kind, io_path,
+                               str(repeat)],
                               capture_output=True, text=True, cwd=tmp, env=env)
         if proc.returncode:
             raise RuntimeError(f"loading {folder} ({kind}) in a fresh process failed:\n{proc.stderr[-3000:]}")

@@ -41,11 +41,12 @@ def tiny_ckpt(tmp_path):
     return path
 
 
-def test_export_single_view_fresh_process(tiny_ckpt, tmp_path, capsys):
-    """The command end to end (static, image decoder): files, metadata, and the fresh-process check
-    that it prints (cropformer unimportable there)."""
+def test_export_single_view_fresh_process(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """The command end to end (static, image decoder, a relative --out): files, metadata, and the
+    fresh-process check that it prints (cropformer unimportable there)."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "exported"
-    rc = export_main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--mode", "single", "--size", "64", "96",
+    rc = export_main(["--ckpt", str(tiny_ckpt), "--out", "exported", "--mode", "single", "--size", "64", "96",
                       "--static"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["cropformer_ops.so", "export.json", "program.pt2"]
