@@ -146,8 +146,9 @@ def masked_attention_cases():
     for dtype in triton_dtypes("masked_cross_attention"):
         # fp32 products follow torch's TF32 switch: both settings are real launch configurations.
         for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
-            # Decoder: 8 heads x 32 channels, 100-200 queries; D = 128 is the largest head the blocks allow.
-            for Q, D in ((100, 32), (200, 128)):
+            # Decoder: 8 heads x 32 channels, 100-200 queries. One head size per BLOCK_D the dispatch can
+            # reach: D = 128 is the largest it sends to Triton (kernels.masked_attention.MAX_HEAD_DIM).
+            for Q, D in ((100, 32), (150, 64), (200, 128)):
                 B, H, K = 1, 8, 300
                 q = torch.randn(B, H, Q, D, dtype=dtype)
                 kv = torch.randn(B, H, K, D, dtype=dtype)
