@@ -383,6 +383,17 @@ def test_unavailable_backend_raises():
         masked_cross_attention(q.double(), k.double(), v.double(), logits, backend="triton")
 
 
+def test_triton_head_size_limit(monkeypatch):
+    """Heads wider than the kernels' MAX_HEAD_DIM (their tiles would not fit in shared memory): an
+    explicit backend="triton" refuses them, auto (which picks Triton on a GPU) takes the reference."""
+    triton_device_or_skip("cpu")
+    q, k, v, logits = [t.float() for t in make_inputs(1, 1, 3, 4, 129, 0.5)]
+    with pytest.raises(RuntimeError, match="head sizes up to 128, got D = 129"):
+        masked_cross_attention(q, k, v, logits, backend="triton")
+    monkeypatch.setattr(ma, "resolve", lambda *args: "triton")  # auto's choice on a GPU
+    assert torch.equal(masked_cross_attention(q, k, v, logits), masked_cross_attention_ref(q, k, v, logits))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_no_queries(backend):
     if backend == "triton":
