@@ -22,8 +22,8 @@ tensor is ever written:
 The grid puts heads on axis 0, so the H programs that read the same logits tile run side by side and
 share it through L2. Block sizes are fixed heuristics (not autotuned) so that the interpreter runs the
 same code as the GPU. Each kernel's looped block is then halved, if need be, until an estimate of its
-shared memory fits the device (`_fit_shared`). Head sizes up to MAX_HEAD_DIM are supported (the dispatch sends larger
-ones elsewhere).
+shared memory fits the device (`_fit_shared`). Head sizes up to MAX_HEAD_DIM are supported (the dispatch
+sends larger ones elsewhere).
 """
 from __future__ import annotations
 
