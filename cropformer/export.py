@@ -242,7 +242,8 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
         kind: "program" (the torch.export program), "onnx" (with onnxruntime, CPU) or a device of the
             AOTInductor packages ("cpu").
     Returns:
-        {"load_s", "first_call_s", "latency_s" (median of the later calls), "max_abs_diff": [per output]}
+        {"load_s", "first_call_s", "latency_s" (median of the later calls), "max_abs_diff" and "max_abs"
+        (of the eager outputs): [per output], "shapes"}
         and "eager_s" (median of `repeat` eager calls here, for comparison).
     """
     folder = Path(folder)
@@ -272,6 +273,7 @@ def check_export(folder: str | Path, model: nn.Module, *, kind: str = "program",
         got = torch.load(io_path + ".out", weights_only=True)["outputs"]
     report["eager_s"] = statistics.median(eager_times)
     report["max_abs_diff"] = [(g - e.cpu()).abs().max().item() for g, e in zip(got, expected)]
+    report["max_abs"] = [e.abs().max().item() for e in expected]
     report["shapes"] = [list(g.shape) for g in got]
     return report
 

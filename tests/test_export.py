@@ -2,6 +2,7 @@
 import cropformer and reproduces the eager network; the command refuses what it must refuse."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -74,6 +75,14 @@ def test_export_refuses_existing_out_and_bad_size(tiny_ckpt, tmp_path, capsys):
     assert run(export_main, ["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "new"), "--size", "70", "96"]) == 2
     assert "multiples of 32" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")),
+                    reason="onnx and onnxscript are installed here")
+def test_export_onnx_without_its_packages(tiny_ckpt, tmp_path, capsys):
+    assert run(export_main, ["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--onnx"]) == 2
+    assert "pip install onnx onnxscript" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_mode_needs_cropformer(tmp_path, capsys):

@@ -8,13 +8,15 @@ Writes the folder --out (refused if it exists): program.pt2, model_<device>.pt2 
 The program takes views of one size (--size; pad smaller views to it and give their sizes) and any batch
 size (--static: 1). Then loads it in a fresh process without our code, runs it on new random inputs and
 compares with the eager model (skip with --no-check; ONNX is checked when onnxruntime is installed);
-prints load time, latency and the largest difference.
+prints load time, latency and the largest difference; exit status 1 when a difference exceeds 1e-3 of the
+output's magnitude.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import sys
 
 from . import UserError, add_common_options, setup_logging
 
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CHECK_RTOL = 1e-3
+
+
 def _round32(x: float) -> int:
     return max(64, int(round(x / 32)) * 32)
 
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
+    if args.onnx and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise UserError("--onnx needs the packages onnx and onnxscript: pip install onnx onnxscript")
     state, cfg = read_weights(args.ckpt)
     if args.cfg:
         cfg = load_config(args.cfg)
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
     try:
         meta = export_model(model, cfg, args.out, mode=mode, height=height, width=width, dynamic=not args.static,
                             aoti=args.aoti, onnx=args.onnx, source=str(args.ckpt))
-    except (FileExistsError, ImportError) as exc:  # --out taken; --onnx without its packages
+    except FileExistsError as exc:
         raise UserError(str(exc)) from None
     print(json.dumps({"out": args.out, "mode": mode, "views": meta["views"], "dynamic": meta["dynamic"],
                       "files": [meta["program"], *meta["aoti"].values(), *([meta["onnx"]] if meta["onnx"] else []),
@@ -84,8 +91,16 @@ def main(argv=None) -> int:
     if args.no_check:
         return 0
     kinds = ["program", *meta["aoti"]] + (["onnx"] if meta["onnx"] and importlib.util.find_spec("onnxruntime") else [])
+    failed = []
     for kind in kinds:
         # batch 1: not the batch a dynamic export was traced with (2)
         report = check_export(args.out, model, kind=kind, height=height, width=width, batch=1)
         print(json.dumps({"check": kind, **report}))
+        # fp32 with reordered reductions stays orders of magnitude inside this; a wrong graph does not
+        if any(d > CHECK_RTOL * max(1.0, m) for d, m in zip(report["max_abs_diff"], report["max_abs"])):
+            failed.append(kind)
+    if failed:
+        print(f"error: {args.out}: {', '.join(failed)} differs from the eager model by more than {CHECK_RTOL:g} "
+              "relative (see the check lines above)", file=sys.stderr)
+        return 1
     return 0
