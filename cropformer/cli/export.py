@@ -8,7 +8,7 @@ Writes the folder --out (refused if it exists): program.pt2, model_<device>.pt2 
 The program takes views of one size (--size; pad smaller views to it and give their sizes) and any batch
 size (--static: 1). Then loads it in a fresh process without our code, runs it on new random inputs and
 compares with the eager model (skip with --no-check; ONNX is checked when onnxruntime is installed);
-prints load time, latency and the largest difference; exit status 1 when a difference exceeds 1e-3 of the
+prints load time, latency and the largest difference; exit status 1 when a difference exceeds 1e-2 of the
 output's magnitude.
 """
 from __future__ import annotations
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CHECK_RTOL = 1e-3
+# Swin-T at 800 x 1216 (random weights) measured 2e-4 (torch.export program) and 1.2e-3 (onnxruntime) relative
+# to the output's magnitude (docs/BENCHMARKS.md); a wrong graph is off by O(1)
+CHECK_RTOL = 1e-2
 
 
 def _round32(x: float) -> int:
@@ -96,7 +98,6 @@ def main(argv=None) -> int:
         # batch 1: not the batch a dynamic export was traced with (2)
         report = check_export(args.out, model, kind=kind, height=height, width=width, batch=1)
         print(json.dumps({"check": kind, **report}))
-        # fp32 with reordered reductions stays orders of magnitude inside this; a wrong graph does not
         if any(d > CHECK_RTOL * max(1.0, m) for d, m in zip(report["max_abs_diff"], report["max_abs"])):
             failed.append(kind)
     if failed:
