@@ -14,7 +14,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from cropformer.data.dataset import EntityDataset
-from cropformer.data.synthetic import labels_to_rles, main, make_synthetic_dataset, make_synthetic_image
+from cropformer.cli.synthetic import main
+from cropformer.data.synthetic import labels_to_rles, make_synthetic_dataset, make_synthetic_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
