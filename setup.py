@@ -213,7 +213,8 @@ setup(
     ],
     extras_require={
         "build": ["ninja", "pybind11"],
-        "test": ["pytest", "transformers", "faster-coco-eval"],
+        # everything the CPU test suite exercises (HF parity, faster-coco-eval, ONNX export in onnxruntime)
+        "test": ["pytest", "transformers", "faster-coco-eval", "onnx", "onnxscript", "onnxruntime"],
         "triton": ["triton>=3.6"],
     },
     ext_modules=ext_modules,
