@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cropformer eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="weights: ours (.safetensors / training .pth) or an official checkpoint")
     p.add_argument("--cfg", help="config file or name (needed when the checkpoint stores none)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--data", required=True, help="COCO-style ground-truth JSON")
     p.add_argument("--images", help="image folder (file_name in the JSON is relative to it)")
     p.add_argument("--preds", help="evaluate this COCO RLE predictions file instead of running a model")
