@@ -16,13 +16,15 @@ class score) comes from `cropformer.ops.paste._plan`, the same as for the C++ an
    them the query where it exceeds the threshold, and adds the query's score terms and area with one
    atomic per step. It stops when every pixel is decided or the list ends.
 
-Launches run on the device of the logits (`torch.cuda.device_of`), not on the current device.
+Launches run on the device of the logits (`cuda_device_guard`), not on the current device.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from cropformer.ops._dispatch import cuda_device_guard
 
 BOUND_MARGIN = 1e-4  # as kBoundMargin in csrc/paste/paste.h
 TILE = 32
@@ -166,7 +168,7 @@ def paste_entities_fwd(logits, row_idx, row_w, col_idx, col_w, boxes, row_breaks
     prob_sum = torch.zeros(Q, dtype=torch.float64, device=device)
     area = torch.zeros(Q, dtype=torch.int64, device=device)
     evaluated = torch.zeros(1, dtype=torch.int64, device=device)
-    with torch.cuda.device_of(logits):
+    with cuda_device_guard(logits.device):
         _paste_bounds_kernel[(T, triton.cdiv(Q, BLOCK_RANKS))](
             logits, row_idx, col_idx, boxes, tiles, order, flags,
             V, Q, h, w, H, W, threshold - BOUND_MARGIN, threshold + BOUND_MARGIN,

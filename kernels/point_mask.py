@@ -17,13 +17,15 @@ Kernels:
 
 Inputs are validated by the dispatch (`cropformer.ops.point_mask`, which also holds the custom ops and
 their autograd) before these launchers run. Every launch runs on the device of its tensors
-(`torch.cuda.device_of`), not on the current device.
+(`cuda_device_guard`), not on the current device.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from cropformer.ops._dispatch import cuda_device_guard
 
 
 @triton.jit
@@ -206,7 +208,7 @@ def sample_shared(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     maps = _byte_view(maps)
     BLOCK = 256
     grid = (K * T, triton.cdiv(P, BLOCK))
-    with torch.cuda.device_of(maps):
+    with cuda_device_guard(maps.device):
         _point_mask_sample_kernel[grid](
             maps, maps, points.contiguous(), out, T, P, H, W, *maps.stride(),
             HAS_INDEX=False, ROW_POINTS=False, BLOCK=BLOCK,
@@ -223,7 +225,7 @@ def sample_rows(maps: torch.Tensor, index: torch.Tensor, points: torch.Tensor) -
     BLOCK = 256
     s_k, s_h, s_w = maps.stride()
     grid = (M, triton.cdiv(S, BLOCK))
-    with torch.cuda.device_of(maps):
+    with cuda_device_guard(maps.device):
         _point_mask_sample_kernel[grid](
             maps, index.contiguous(), points.contiguous(), out, 1, S, maps.shape[1], maps.shape[2], s_k, 0, s_h, s_w,
             HAS_INDEX=True, ROW_POINTS=True, BLOCK=BLOCK,
@@ -242,7 +244,7 @@ def loss_fwd(pred, gt, points, pred_index, gt_index, gt_valid):
     if M == 0:
         return bce, dice, x, t
     gt = _byte_view(gt)
-    with torch.cuda.device_of(pred):
+    with cuda_device_guard(pred.device):
         _point_mask_loss_fwd_kernel[(M,)](
             pred, gt, points.contiguous(), pred_index.contiguous(), gt_index.contiguous(), gt_valid.contiguous(),
             bce, dice, x, t,
@@ -257,7 +259,7 @@ def loss_bwd(grad_bce, grad_dice, points, pred_index, x, t, pred_shape, dtype):
     M, P = x.shape
     grad = torch.zeros(pred_shape, device=x.device, dtype=torch.float32)
     if M:
-        with torch.cuda.device_of(x):
+        with cuda_device_guard(x.device):
             _point_mask_loss_bwd_kernel[(M,)](
                 grad_bce.contiguous(), grad_dice.contiguous(), points.contiguous(), pred_index.contiguous(), x, t,
                 grad, P, pred_shape[1], pred_shape[2],

@@ -113,3 +113,15 @@ def tiny_train_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.train_json=\"{data / 'train' / 'annotations.json'}\"", f"data.train_images=\"{data / 'train' / 'images'}\"",
             "input.min_size_train=[64,96]", "input.min_size_test=96", "loss.num_points=256", "solver.ims_per_batch=2",
             "solver.max_iter=4", "solver.checkpoint_period=2", "data.num_workers=0", f"output_dir=\"{out}\"", *extra]
+
+
+def spy_device_guard(monkeypatch, kernel_module: str) -> list:
+    """Record the device every Triton launcher of `cropformer.kernels.<kernel_module>` enters through
+    `cuda_device_guard` (a no-op on CPU, so a CPU test can still see that the launcher asked for the
+    tensors' device rather than the current one)."""
+    import importlib
+
+    module = importlib.import_module(f"cropformer.kernels.{kernel_module}")
+    entered, real = [], module.cuda_device_guard
+    monkeypatch.setattr(module, "cuda_device_guard", lambda device: entered.append(device) or real(device))
+    return entered

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from cropformer.ops import _dispatch  # noqa: E402
 from cropformer.ops._dispatch import has_compiled_op, has_cuda_kernels, triton_interpret  # noqa: E402
 from cropformer.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
-from tests.conftest import assert_close, cuda_or_skip, nan_filled_empty, triton_device_or_skip  # noqa: E402
+from tests.conftest import assert_close, cuda_or_skip, nan_filled_empty, spy_device_guard, triton_device_or_skip  # noqa: E402
 
 # the module (cropformer.ops.ms_deform_attn, the attribute, is the function of the same name)
 msda = importlib.import_module("cropformer.ops.ms_deform_attn")
@@ -569,10 +569,7 @@ def test_triton_kernel_skips_levels_outside_value(bad):
 def test_triton_launchers_enter_the_tensors_device(monkeypatch):
     """Triton launches on the current device: both launchers must make the tensors' device current."""
     triton_device_or_skip("cpu")
-    kmod = importlib.import_module("cropformer.kernels.ms_deform_attn")
-    entered = []
-    real_guard = kmod.cuda_device_guard
-    monkeypatch.setattr(kmod, "cuda_device_guard", lambda device: entered.append(device) or real_guard(device))
+    entered = spy_device_guard(monkeypatch, "ms_deform_attn")
     check_parity("triton", "tiny", torch.float32)
     assert entered == [torch.device("cpu")] * 2  # forward, backward
 

@@ -36,7 +36,7 @@ from cropformer.ops.paste import (
     paste_entities,
     paste_entities_ref,
 )
-from tests.conftest import REPO, assert_close, cuda_or_skip
+from tests.conftest import REPO, assert_close, cuda_or_skip, spy_device_guard
 
 NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
 
@@ -463,23 +463,11 @@ def test_cuda_paste_shared_memory_counts_static_and_dynamic(optin_kib):
     assert smem(2880, default, optin)[2] == 1  # within 48 KiB alone, but not with the static part
 
 
-def _spy_device_of(monkeypatch):
-    seen = []
-    real = torch.cuda.device_of
-
-    def spy(obj):
-        seen.append(obj.device)
-        return real(obj)
-
-    monkeypatch.setattr(torch.cuda, "device_of", spy)
-    return seen
-
-
 def test_triton_launch_runs_on_the_logits_device(monkeypatch):
     """The Triton launcher enters the logits' device (a no-op on CPU, recorded here), not the current one."""
     if not triton_usable(torch.device("cpu")):
         pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
-    seen = _spy_device_of(monkeypatch)
+    seen = spy_device_guard(monkeypatch, "paste")
     logits, sizes, boxes, scores = random_inputs(2, 3, 19, 23)
     paste_entities(logits, sizes, boxes, scores, (19, 23), backend="triton")
     assert seen == [torch.device("cpu")]

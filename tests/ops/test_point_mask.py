@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cropformer.ops import point_mask as pm
 from cropformer.ops._dispatch import has_compiled_op, triton_usable
-from tests.conftest import assert_close, cuda_or_skip, triton_device_or_skip
+from tests.conftest import assert_close, cuda_or_skip, spy_device_guard, triton_device_or_skip
 
 BACKENDS = ["torch", "cpu", "triton"]
 # fp32 against the float64 composition; float64 against float64 (the same math, other order)
@@ -480,18 +480,11 @@ def test_tensors_on_another_device_are_rejected():
 
 
 def test_triton_launches_run_on_the_tensors_device(monkeypatch):
-    """Every Triton launcher enters the device of its tensors (`torch.cuda.device_of`), not the current
+    """Every Triton launcher enters the device of its tensors (`cuda_device_guard`), not the current
     device (a model on cuda:1 would otherwise launch on GPU 0 with pointers into GPU 1). On CPU the
     guard is a no-op, so the test records which tensors the launchers passed to it."""
     _backend_or_skip("triton")
-    seen = []
-    real = torch.cuda.device_of
-
-    def spy(obj):
-        seen.append(obj.device)
-        return real(obj)
-
-    monkeypatch.setattr(torch.cuda, "device_of", spy)
+    seen = spy_device_guard(monkeypatch, "point_mask")
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(4, 7, 9, generator=g, requires_grad=True)
     gt = torch.rand(4, 21, 25, generator=g) > 0.5
