@@ -117,7 +117,7 @@ def _extensions():
     cpp_extension.CUDA_HOME = os.environ.get("CUDA_HOME", cpp_extension.CUDA_HOME)
     can_cuda = bool(cu_sources) and cuda_home is not None and torch.version.cuda is not None
     # auto: compile CUDA only where it can run (a visible GPU) or where the user names architectures;
-    # on a CPU-only machine with nvcc it would cost ~12 minutes on 2 cores for kernels that cannot run.
+    # on a CPU-only machine with nvcc it would only add build time for kernels that cannot run there.
     wanted = cuda_flag == "1" or (cuda_flag == "auto" and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
                                                            or torch.cuda.is_available()))
     use_cuda = can_cuda and wanted
