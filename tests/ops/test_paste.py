@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cropformer.ops._dispatch import has_compiled_op, triton_usable
+from cropformer.ops._dispatch import has_compiled_op
 from cropformer.ops.paste import (
     _axis_matrix,
     _axis_taps,
@@ -36,7 +36,7 @@ from cropformer.ops.paste import (
     paste_entities,
     paste_entities_ref,
 )
-from tests.conftest import REPO, assert_close, cuda_or_skip, spy_device_guard
+from tests.conftest import REPO, assert_close, cuda_or_skip, spy_device_guard, triton_device_or_skip
 
 NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
 
@@ -297,8 +297,7 @@ def blob_inputs(V, Q, H, W, seed=0, short=200):
 @pytest.mark.parametrize("score_mode", ["mean_prob", "original"])
 @pytest.mark.parametrize("V,Q,H,W", [(1, 7, 37, 45), (5, 7, 37, 45), (5, 1, 23, 17), (2, 3, 70, 33)])
 def test_triton_matches_reference(score_mode, V, Q, H, W):
-    if not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    triton_device_or_skip("cpu")
     logits, sizes, boxes, scores = random_inputs(V, Q, H, W, seed=H + V + Q)
     if Q == 3:
         scores = torch.tensor([0.5, 0.5, 0.5])  # all tied: the lowest index wins
@@ -465,8 +464,7 @@ def test_cuda_paste_shared_memory_counts_static_and_dynamic(optin_kib):
 
 def test_triton_launch_runs_on_the_logits_device(monkeypatch):
     """The Triton launcher enters the logits' device (a no-op on CPU, recorded here), not the current one."""
-    if not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    triton_device_or_skip("cpu")
     seen = spy_device_guard(monkeypatch, "paste")
     logits, sizes, boxes, scores = random_inputs(2, 3, 19, 23)
     paste_entities(logits, sizes, boxes, scores, (19, 23), backend="triton")
@@ -500,8 +498,8 @@ def test_fast_paths_never_wait_for_the_device(backend, monkeypatch):
     at::_assert_async for CUDA tensors; the Triton interpreter copies to numpy.)"""
     if backend == "cpu":
         compiled_or_skip()
-    elif not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    else:
+        triton_device_or_skip("cpu")
     import cropformer.kernels.paste as kpaste
 
     logits, sizes, boxes, scores = random_inputs(2, 5, 29, 31)
@@ -548,8 +546,8 @@ def test_fast_paths_never_wait_for_the_device(backend, monkeypatch):
 def test_custom_op_passes_opcheck(backend):
     if backend == "cpu":
         compiled_or_skip()
-    elif backend == "triton" and not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    elif backend == "triton":
+        triton_device_or_skip("cpu")
     logits, sizes, boxes, scores = random_inputs(2, 4, 17, 19)
     args = (logits, scores, [v for s in sizes for v in s], [v for b in boxes for v in b], [17, 19], 0.5,
             "original", backend)
@@ -595,8 +593,8 @@ def test_selftest_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
 
     if backend == "cpu":
         compiled_or_skip()
-    elif not triton_usable(torch.device("cpu")):
-        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=0) or triton missing")
+    else:
+        triton_device_or_skip("cpu")
     selftest = _dispatch.SELFTESTS["paste_entities"]
     available = {name: ok for name, ok, _ in _dispatch.PREFERENCES["paste_entities"]}[backend]
     cpu = torch.device("cpu")
