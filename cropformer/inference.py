@@ -5,7 +5,7 @@
 
 Input images are RGB uint8 H x W x 3 (the original's demo takes BGR; we do not).
 
-Modes (paper Table 7):
+Modes (paper Table 7; "4 corner crops" is input.crop_sample_num_test, 0-4, see views.inference_corners):
     full_crops  full image + 4 corner crops through the batch decoder, fused (CropFormer default)
     full_batch  full image alone through the batch decoder
     full_image  full image alone through the image decoder
@@ -32,13 +32,13 @@ from .checkpoint import load_model_weights, read_weights
 from .config import Config, load_config
 from .data.dataset import _ceil_to, collate
 from .data.decode import DecodedImage
-from .data.views import build_sample, plan_views
+from .data.views import build_sample, inference_corners, plan_views
 from .modeling.build import build_model
 from .ops.paste import paste_entities
 from .ops.rle import id_map_to_rle
 
 MODES = ("full_crops", "full_batch", "full_image", "crops", "single")
-_CORNERS = {"full_crops": (0, 1, 2, 3), "full_batch": (), "full_image": (), "crops": (0, 1, 2, 3), "single": ()}
+_CROP_MODES = ("full_crops", "crops")  # the modes whose views include corner crops
 
 
 @dataclass
@@ -77,6 +77,11 @@ class Segmenter:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "single" and self.mode != "full_image" and not model.is_cropformer:
             raise ValueError(f"mode {self.mode!r} needs a CropFormer model; this is a Mask2Former baseline (use 'single')")
+        if self.mode in _CROP_MODES:
+            n = cfg.input.crop_sample_num_test
+            inference_corners(n)  # 0..4, or ValueError
+            if self.mode == "crops" and n < 1:
+                raise ValueError("mode 'crops' needs input.crop_sample_num_test >= 1")
         self.score_mode = score_mode or t.score_mode
         self.mask_threshold = t.mask_threshold if mask_threshold is None else mask_threshold
         if not 0.0 < self.mask_threshold < 1.0:
@@ -113,8 +118,9 @@ class Segmenter:
         """The views this segmenter runs for an image of that size (`plan.needed_scale()` tells how
         far a JPEG may be decoded at reduced resolution, see `cropformer.data.decode`)."""
         i = self.cfg.input
+        corners = inference_corners(i.crop_sample_num_test) if self.mode in _CROP_MODES else ()
         return plan_views(height, width, short_side=i.min_size_test, max_size=i.max_size_test,
-                          corners=_CORNERS[self.mode], ratio=i.crop_ratio)
+                          corners=corners, ratio=i.crop_ratio)
 
     def _views(self, image: np.ndarray | DecodedImage) -> dict:
         if isinstance(image, DecodedImage):

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training short sides (default: --short-side)")
     p.add_argument("--crop-ratio", type=float, default=0.7, help="corner crop side / image side (train and test)")
     p.add_argument("--train-crops", type=int, default=1, help="corner crops per training image (CropFormer)")
+    p.add_argument("--test-crops", type=int, default=4, choices=range(5), metavar="{0..4}",
+                   help="corner crops at test (input.crop_sample_num_test; fewer than 4: see views.inference_corners)")
     p.add_argument("--modes", nargs="+", default=list(CROPFORMER_MODES), choices=CROPFORMER_MODES,
                    help="CropFormer inference modes (views used) to evaluate")
     p.add_argument("--no-baseline", action="store_true", help="skip the Mask2Former baseline")
@@ -134,6 +136,7 @@ def run_config(args, data: Path, model: str, seed: int, out: Path):
         f"data.val_images={json.dumps(str(data / 'val/images'))}",
         f"input.min_size_train={json.dumps(sides)}", f"input.min_size_test={args.short_side}",
         f"input.crop_ratio={args.crop_ratio}", f"input.crop_sample_num_train={args.train_crops}",
+        f"input.crop_sample_num_test={args.test_crops}",
         f"solver.max_iter={args.iters}", f"solver.ims_per_batch={args.batch}",
         f"solver.checkpoint_period={max(1, args.iters // 4)}", "test.eval_period=0", f"seed={seed}",
         *args.set,
@@ -144,6 +147,7 @@ def run_config(args, data: Path, model: str, seed: int, out: Path):
     settings = to_dict(cfg)
     settings.pop("output_dir")
     settings.pop("seed")
+    settings["input"].pop("crop_sample_num_test")  # a test-time knob: the same trained run serves every value
     run_dir = out / "runs" / f"{model}-{_key(settings)}" / f"seed{seed}"
     cfg.output_dir = str(run_dir)
     return cfg, run_dir
@@ -196,6 +200,7 @@ def agreement(model: torch.nn.Module, cfg, gt: dict, images: Path, device: str, 
 def evaluate_run(args, cfg, run_dir: Path, weights: str, modes: list[str]) -> dict:
     """Every mode on one checkpoint (cached in the run folder under a hash of the evaluation settings)."""
     settings = {"modes": modes, "short_side": args.short_side, "crop_ratio": args.crop_ratio,
+                "test_crops": args.test_crops,
                 "boundary_ratio": args.boundary_ratio, "agreement_score": args.agreement_score,
                 "score_mode": args.score_mode,
                 "val": cfg.data.val_json}

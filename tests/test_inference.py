@@ -343,3 +343,32 @@ def test_stability_score_is_sams_on_the_fused_probability():
         values.append(hi / lo)
     assert len(set(np.round(values, 3))) > 1 and max(values) > 0  # a real measure, not a constant
     assert not np.allclose(ent.stability, ent.scores)
+
+
+def test_number_of_test_crops_is_a_config_option():
+    """input.crop_sample_num_test picks the corner crops (issue 17's knob); 4 is the original's view
+    order, 0 leaves the full view alone (= full_batch), out-of-range counts are refused up front."""
+    from cropformer.data.views import inference_corners
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (130, 170, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny_demo").model)
+    expected = {4: (0, 1, 2, 3), 3: (0, 1, 3), 2: (0, 3), 1: (0,), 0: ()}
+    for n, corners in expected.items():
+        assert inference_corners(n) == corners
+        cfg = load_config("tiny_demo", [f"input.crop_sample_num_test={n}"])
+        seg = Segmenter(model, cfg, mode="full_crops", score_threshold=0.0)
+        assert [v.corner for v in seg.plan(130, 170).views] == [-1, *corners]
+        if n:
+            crops = Segmenter(model, cfg, mode="crops", score_threshold=0.0)
+            assert len(crops._views(image)["images"]) == n
+    full_only = Segmenter(model, load_config("tiny_demo", ["input.crop_sample_num_test=0"]), mode="full_crops")
+    batch = Segmenter(model, load_config("tiny_demo"), mode="full_batch")
+    a, b = full_only.segment(image), batch.segment(image)
+    assert np.array_equal(a.id_map, b.id_map) and np.array_equal(a.scores, b.scores)
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match="crop_sample_num_test"):
+            Segmenter(model, load_config("tiny_demo", [f"input.crop_sample_num_test={bad}"]), mode="full_crops")
+    with pytest.raises(ValueError, match="crop_sample_num_test >= 1"):
+        Segmenter(model, load_config("tiny_demo", ["input.crop_sample_num_test=0"]), mode="crops")

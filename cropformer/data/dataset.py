@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .decode import ImageDecodeError, decode_image
-from .views import build_sample, draw_train_plan, inference_plan
+from .views import build_sample, draw_train_plan, inference_corners, inference_plan
 
 logger = logging.getLogger(__name__)
 
@@ -378,8 +378,8 @@ class EntityDataset(Dataset):
     Args:
         json_file, image_root: the annotation file and the folder its file_names are relative to.
         train: training samples (one short side from `short_sides`, flip, `num_train_crops` random
-            corners, masks) or test samples (short side `short_sides[0]`, no flip, all four corners,
-            no masks unless `with_masks`).
+            corners, masks) or test samples (short side `short_sides[0]`, no flip, `num_test_crops`
+            corners (all four by default, see `views.inference_corners`), no masks unless `with_masks`).
         short_sides, max_size: resize choices (train: (640, ..., 800) / 1333; test: (800,) / 1333).
         flip_prob: horizontal flip probability in training.
         crop_ratio: crop side ratio (0.7).
@@ -402,6 +402,7 @@ class EntityDataset(Dataset):
         flip_prob: float = 0.5,
         crop_ratio: float = 0.7,
         num_train_crops: int = 1,
+        num_test_crops: int = 4,
         filter_empty: bool | None = None,
         with_masks: bool | None = None,
         on_bad_image: str = "fatal",
@@ -417,6 +418,8 @@ class EntityDataset(Dataset):
         self.flip_prob = float(flip_prob)
         self.crop_ratio = float(crop_ratio)
         self.num_train_crops = int(num_train_crops)
+        self.num_test_crops = num_test_crops
+        inference_corners(num_test_crops)  # fail at construction, not in a worker
         self.with_masks = train if with_masks is None else bool(with_masks)
         self.on_bad_image = on_bad_image
         self.reduced_decode = reduced_decode
@@ -477,7 +480,7 @@ class EntityDataset(Dataset):
                                    flip_prob=self.flip_prob, num_crops=self.num_train_crops,
                                    ratio=self.crop_ratio)
         return inference_plan(height, width, short_side=self.short_sides[0], max_size=self.max_size,
-                         ratio=self.crop_ratio)
+                              ratio=self.crop_ratio, num_crops=self.num_test_crops)
 
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         rec = self._records[index]
@@ -706,8 +709,6 @@ def build_dataset(input_cfg, data_cfg, *, train: bool, seed: int = 0) -> EntityD
     Training reads data.train_json / data.train_images with input.min_size_train / max_size_train;
     evaluation reads data.val_json / data.val_images with input.min_size_test / max_size_test.
     """
-    if not train and input_cfg.crop_sample_num_test != 4:
-        raise ValueError("inference views are the full image and its 4 corners (crop_sample_num_test = 4)")
     return EntityDataset(
         data_cfg.train_json if train else data_cfg.val_json,
         data_cfg.train_images if train else data_cfg.val_images,
@@ -717,6 +718,7 @@ def build_dataset(input_cfg, data_cfg, *, train: bool, seed: int = 0) -> EntityD
         flip_prob=0.5 if input_cfg.random_flip == "horizontal" else 0.0,
         crop_ratio=input_cfg.crop_ratio,
         num_train_crops=input_cfg.crop_sample_num_train,
+        num_test_crops=input_cfg.crop_sample_num_test,
         filter_empty=data_cfg.filter_empty if train else False,
         on_bad_image=data_cfg.on_bad_image,
         reduced_decode=train,  # evaluation decodes at full resolution: the original's exact inputs

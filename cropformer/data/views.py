@@ -40,6 +40,7 @@ __all__ = [
     "plan_views",
     "draw_train_plan",
     "inference_plan",
+    "inference_corners",
     "view_grid",
     "render_image",
     "MaskSource",
@@ -173,11 +174,25 @@ def draw_train_plan(
                       flip=flip, ratio=ratio)
 
 
+# With fewer than four test crops, the corners taken first are those covering the most of the image
+# together: one, then the opposite one (together all but two 0.3 x 0.3 corners at ratio 0.7), ...
+_TEST_CORNER_PRIORITY = (0, 3, 1, 2)
+
+
+def inference_corners(num_crops: int = NUM_CORNERS) -> tuple[int, ...]:
+    """The corners used at test time for `num_crops` crops (input.crop_sample_num_test, 0-4), in
+    view order: all four (the original's and the paper's default) are (0, 1, 2, 3); fewer are the
+    first of top-left, bottom-right, top-right, bottom-left."""
+    if not isinstance(num_crops, (int, np.integer)) or not 0 <= num_crops <= NUM_CORNERS:
+        raise ValueError(f"crop_sample_num_test must be 0..{NUM_CORNERS}, got {num_crops!r}")
+    return tuple(sorted(_TEST_CORNER_PRIORITY[:num_crops]))
+
+
 def inference_plan(height: int, width: int, *, short_side: int = 800, max_size: int = 1333,
-              ratio: float = 0.7) -> ViewPlan:
-    """Inference views: the full image and all four corners, no flip."""
+              ratio: float = 0.7, num_crops: int = NUM_CORNERS) -> ViewPlan:
+    """Inference views: the full image and `num_crops` corners (`inference_corners`), no flip."""
     return plan_views(height, width, short_side=short_side, max_size=max_size,
-                      corners=range(NUM_CORNERS), flip=False, ratio=ratio)
+                      corners=inference_corners(num_crops), flip=False, ratio=ratio)
 
 
 def view_grid(view: View, plan: ViewPlan) -> tuple[np.ndarray, np.ndarray]:

@@ -234,6 +234,10 @@ def test_empty_images_dropped_for_training_kept_by_option(tmp_path):
     assert len(test) == 3  # evaluation keeps every image
     s = test[2]
     assert s["image_id"] == 999 and "masks" not in s and len(s["images"]) == 5
+    two = EntityDataset(path, root, train=False, short_sides=(96,), num_test_crops=2)[2]
+    assert two["corners"] == [0, 3] and len(two["images"]) == 3  # input.crop_sample_num_test
+    with pytest.raises(ValueError, match="crop_sample_num_test"):
+        EntityDataset(path, root, train=False, num_test_crops=5)
     with_masks = EntityDataset(path, root, filter_empty=False, short_sides=(96,))
     empty = with_masks[(2, 0)]
     assert empty["valid"].shape == (0, 2) and empty["masks"][0].shape[0] == 0
