@@ -21,6 +21,8 @@ output (all queries, double-sigmoid scores).
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,40 @@ from .ops.paste import paste_entities
 from .ops.rle import id_map_to_rle
 
 MODES = ("full_crops", "full_batch", "full_image", "crops", "single")
+PRECISIONS = ("fp32", "bf16")
 _CROP_MODES = ("full_crops", "crops")  # the modes whose views include corner crops
+
+
+class PrecisionUnsupported(ValueError):
+    """The requested precision has no fast hardware path on this device (bf16 on a CPU without it)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split())
+    except OSError:
+        return frozenset()
+
+
+def bf16_support(device: torch.device | str) -> tuple[bool, str]:
+    """(fast, why): whether `device` computes bfloat16 natively. On CPU that takes AVX512-BF16 or AMX
+    (oneDNN then runs bf16 matmuls and convolutions at 2-3x the fp32 rate); without them bf16 is
+    emulated and slower than fp32, so fast mode is refused rather than quietly slow."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, torch.cuda.get_device_name(device) + ("" if ok else " has no bfloat16 support")
+    if device.type != "cpu":
+        return False, f"no bf16 fast mode on {device.type}"
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "CPU with AMX-BF16"
+    if "avx512_bf16" in flags:
+        return True, "CPU with AVX512-BF16"
+    why = "no /proc/cpuinfo to read the CPU's features" if not flags else "this CPU has neither AVX512-BF16 nor AMX-BF16"
+    return False, why + " (bf16 would be emulated, slower than fp32): use precision fp32"
 
 
 @dataclass
@@ -53,7 +88,12 @@ class Entities:
 
 
 class Segmenter:
-    """Segment every entity of RGB images with a CropFormer or Mask2Former-baseline model."""
+    """Segment every entity of RGB images with a CropFormer or Mask2Former-baseline model.
+
+    precision: "fp32" (exact: the original's outputs) or "bf16" (fast mode: the network in bfloat16 on
+    hardware that computes it natively, see `bf16_support`; PrecisionUnsupported elsewhere). Its
+    accuracy cost is measured in tests/test_inference.py and docs/BENCHMARKS.md.
+    """
 
     def __init__(
         self,
@@ -68,7 +108,18 @@ class Segmenter:
         keep_empty: bool = False,
         top_k: int = 100,
         paste_backend: str = "auto",
+        precision: str = "fp32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        if precision == "bf16":
+            fast, why = bf16_support(next(model.parameters()).device)
+            if not fast:
+                raise PrecisionUnsupported(f"precision bf16: {why}")
+            # The whole network in bfloat16 (a copy: the caller's model is left as it is); the fusion,
+            # paste and scores after it stay in float32.
+            model = copy.deepcopy(model).to(torch.bfloat16)
         self.model = model.eval()
         self.cfg = cfg
         t = cfg.test

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="hires_run", help="output folder (data, runs, results)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per model")
-    p.add_argument("--iters", type=int, default=500, help="training iterations per run (both models)")
+    p.add_argument("--iters", type=int, default=400, help="training iterations per run (both models)")
     p.add_argument("--batch", type=int, default=4, help="images per batch (both models)")
     p.add_argument("--size", type=int, nargs=2, default=(1200, 1600), metavar=("H", "W"), help="image size")
     p.add_argument("--train-images", type=int, default=48)

@@ -180,3 +180,23 @@ def test_scripts_and_other_commands_share_the_error_layer(files, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: {files / 'corrupt.pth'}: corrupt"), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["infer", "eval"])
+def test_bf16_without_hardware_support_is_one_line(files, tmp_path, capsys, monkeypatch, command):
+    """--precision bf16 on a CPU without AVX512-BF16/AMX: refused in one line (it would run emulated,
+    slower than fp32), before any output is written."""
+    import cropformer.inference as inference
+    from cropformer.cli import eval as eval_cli
+    from cropformer.cli import infer as infer_cli
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"fpu", "avx2", "avx512f"}))
+    images = files / "train" / "images"
+    if command == "infer":
+        main, argv = infer_cli.main, ["--input", str(images), "--out", str(tmp_path / "out")]
+    else:
+        main, argv = eval_cli.main, ["--data", str(files / "train" / "annotations.json"), "--images", str(images),
+                                     "--out", str(tmp_path / "out")]
+    rc = run(main, ["--ckpt", str(files / "weights.safetensors"), "--device", "cpu", "--precision", "bf16", *argv])
+    _one_line_error(capsys, rc, "bf16", "AVX512-BF16", "fp32")
+    assert not (tmp_path / "out").exists()

@@ -486,14 +486,14 @@ def test_hf_hub_file_converts_like_the_in_memory_names(tmp_path):
     read through read_weights it gives exactly what hf_to_ours gives for the in-memory names, and fits
     the tiny Mask2Former strictly (Swin's relative position index is recomputed, not stored)."""
     pytest.importorskip("transformers", exc_type=ImportError)
-    from tests.modeling.test_hf_parity import _build_hf, _randomise_ as randomise_hf
+    from tests.hf_reference import build_hf, randomise_
 
     from cropformer.convert import hf_to_ours
 
     cfg = load_config("tiny", ['model.meta_architecture="mask2former"']).model
     torch.manual_seed(0)
-    hf = _build_hf(cfg)
-    randomise_hf(hf, seed=5)
+    hf = build_hf(cfg)
+    randomise_(hf, seed=5)
     hf.save_pretrained(tmp_path / "hf")
     loaded = read_checkpoint(tmp_path / "hf" / "model.safetensors")
     assert loaded.report.format == "hf-mask2former"

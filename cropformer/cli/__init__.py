@@ -45,7 +45,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     extra = []
     for mod, name in (("cropformer.checkpoint", "CheckpointError"), ("cropformer.data.decode", "ImageDecodeError"),
-                      ("cropformer.data.dataset", "DatasetError"), ("cropformer.evaluation", "EvaluationInputError")):
+                      ("cropformer.data.dataset", "DatasetError"), ("cropformer.evaluation", "EvaluationInputError"),
+                      ("cropformer.inference", "PrecisionUnsupported")):
         cls = getattr(importlib.import_module(mod), name, None)
         if cls is not None:
             extra.append(cls)

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import UserError, add_common_options, setup_logging
+from . import add_common_options, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["full_crops", "full_batch", "full_image", "crops", "single"])
     p.add_argument("--score-mode", choices=["mean_prob", "original"])
     p.add_argument("--min-area", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: exact (the original's outputs); bf16: fast mode where the hardware computes "
+                        "bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), refused elsewhere")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--reduced-decode", action="store_true",
                    help="decode big JPEGs at reduced resolution (faster; default is the full decode the released numbers need)")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
             device = f"cuda:{local_rank}"
         cfg = load_config(args.cfg, args.set) if args.cfg else None
         seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, device=device, mode=args.mode,
-                                        score_mode=args.score_mode, min_area=args.min_area)
+                                        score_mode=args.score_mode, min_area=args.min_area, precision=args.precision)
         preds, stats = predict_dataset(seg, gt, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")
     if dist_utils.get_rank() != 0:

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-mode", choices=["mean_prob", "original"])
     p.add_argument("--min-area", type=int)
     p.add_argument("--score-threshold", type=float)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: exact (the original's outputs); bf16: fast mode where the hardware computes "
+                        "bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), refused elsewhere")
     p.add_argument("--overlay-max-side", type=int, default=2048)
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full resolution (parity path)")
     add_common_options(p)
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
         return 1
     seg = Segmenter.from_checkpoint(args.ckpt, cfg=load_config(args.cfg) if args.cfg else None, device=args.device,
                                     mode=args.mode, score_mode=args.score_mode, min_area=args.min_area,
-                                    score_threshold=args.score_threshold)
+                                    score_threshold=args.score_threshold, precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
     done = skipped = 0

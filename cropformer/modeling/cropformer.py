@@ -47,6 +47,11 @@ class CropFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The network's compute dtype: float32, or bfloat16 for a model cast whole (fast mode)."""
+        return self.pixel_decoder.mask_features.weight.dtype
+
+    @property
     def is_cropformer(self) -> bool:
         return self.association is not None
 
@@ -75,7 +80,7 @@ class CropFormer(nn.Module):
             x = x * (rows & cols)[:, None]
         if (Hp, Wp) != (H, W):
             x = nn.functional.pad(x, (0, Wp - W, 0, Hp - H))
-        return x
+        return x.to(self.dtype)  # normalised in float32, then the network's dtype
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None, run_batch_decoder: bool = True) -> dict:
         """Run every view through the network.

@@ -267,8 +267,9 @@ class PixelDecoder(nn.Module):
         common_stride: stride of the mask features; FPN levels are added from the finest encoder
             level down to this stride.
         deform_features: backbone levels refined by the deformable encoder.
-        fp32: run the whole block in float32 with autocast disabled (the original does; deformable
-            attention is sensitive to low precision). Parameters are expected to be float32.
+        fp32: run the whole block with autocast disabled, in the parameters' dtype: float32 (the
+            original does; deformable attention is sensitive to low precision), or bfloat16 when the
+            whole model has been cast to it (fast mode).
         msda_backend: backend of `cropformer.ops.ms_deform_attn`.
     """
 
@@ -329,9 +330,12 @@ class PixelDecoder(nn.Module):
         """
         if not self.fp32:
             return self._forward(features)
+        # Autocast off, inputs in the parameters' dtype: float32 as the original, or bfloat16 for a
+        # model cast whole to it (the opt-in fast mode, `Segmenter(precision="bf16")`).
+        dtype = self.mask_features.weight.dtype
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._forward({k: v.float() for k, v in features.items()})
+            return self._forward({k: v.to(dtype) for k, v in features.items()})
 
     def _forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         srcs, pos = [], []

@@ -40,17 +40,16 @@ accepts 0.3.
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from cropformer.config import load_config
 from cropformer.convert import hf_to_ours
 from cropformer.modeling.build import build_model
 from tests.conftest import assert_close
+from tests.hf_reference import build_hf, load_hf_into_ours, randomise_
 
 # ImportError too: an installed transformers that cannot import against this torch is also a skip.
 transformers = pytest.importorskip(
@@ -73,68 +72,6 @@ OVERRIDES = [
 def _build_ours():
     cfg = load_config("tiny", OVERRIDES).model
     return cfg, build_model(cfg).eval()
-
-
-def _build_hf(cfg):
-    """HF Mask2Former with the same architecture as our config `cfg` (a ModelConfig)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    s, p, d = cfg.backbone.swin, cfg.pixel_decoder, cfg.decoder
-    # What HF hard-codes: one head count for pixel decoder and decoder, 4 sampling points, 3 levels,
-    # GroupNorm(32), no input projection in the decoder when widths agree.
-    assert cfg.backbone.name == "swin" and p.num_heads == d.nheads and p.num_points == 4
-    assert p.norm == "GN" and p.deform_features == ("res3", "res4", "res5") and p.conv_dim == d.hidden_dim
-    swin = SwinConfig(
-        embed_dim=s.embed_dim, depths=list(s.depths), num_heads=list(s.num_heads), window_size=s.window_size,
-        mlp_ratio=s.mlp_ratio, qkv_bias=s.qkv_bias, patch_size=s.patch_size, drop_path_rate=0.0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    hf_cfg = Mask2FormerConfig(
-        backbone_config=swin, feature_size=p.conv_dim, mask_feature_size=p.mask_dim, hidden_dim=d.hidden_dim,
-        encoder_feedforward_dim=p.ffn_dim, encoder_layers=p.num_layers, decoder_layers=d.dec_layers,
-        num_attention_heads=d.nheads, dim_feedforward=d.dim_feedforward, pre_norm=d.pre_norm,
-        num_queries=d.num_queries, common_stride=p.common_stride, num_labels=cfg.num_classes, dropout=0.0,
-    )
-    return Mask2FormerForUniversalSegmentation(hf_cfg).eval()
-
-
-@torch.no_grad()
-def _randomise_(model: nn.Module, seed: int) -> None:
-    """Overwrite every parameter with seeded random values, far from the usual init.
-
-    The inits leave many tensors at 0 or 1 (deformable attention weights and offsets, norms, biases),
-    which would hide a wrong mapping of exactly those tensors. Norm scales 1 + 0.2 N(0,1), every bias
-    0.2 N(0,1), embeddings N(0,1), matrices N(0, 1/fan_in).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            noise = torch.randn(p.shape, generator=gen)
-            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                value = (1.0 if name == "weight" else 0.0) + 0.2 * noise
-            elif isinstance(module, nn.Embedding) or name == "level_embed":
-                value = noise
-            elif p.dim() > 1:
-                value = noise / p[0].numel() ** 0.5
-            else:
-                value = 0.2 * noise
-            p.copy_(value)
-
-
-def _load_hf_into_ours(hf, ours) -> None:
-    """Copy HF's weights into ours (strict); HF's relative position indices (non-persistent buffers
-    there, persistent in the original's state dict) must equal ours."""
-    state = hf_to_ours(hf.state_dict())
-    for name, buf in hf.named_buffers():
-        m = re.match(r"^model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention"
-                     r"\.relative_position_bias\.relative_position_index$", name)
-        if m:
-            key = f"image_encoder.layers.{m[1]}.blocks.{m[2]}.attn.relative_position_index"
-            mine = ours.state_dict()[key]
-            assert torch.equal(buf.view_as(mine), mine), f"relative position index differs at {key}"
-            state[key] = buf.view_as(mine).clone()
-    ours.load_state_dict(state, strict=True)
 
 
 @torch.no_grad()
@@ -193,10 +130,10 @@ def test_matches_hf_mask2former(height, width, batch):
     """
     torch.manual_seed(0)
     cfg, ours = _build_ours()
-    hf = _build_hf(cfg)
-    _randomise_(hf, seed=3)
+    hf = build_hf(cfg)
+    randomise_(hf, seed=3)
     _vary_mask_offsets_(hf)
-    _load_hf_into_ours(hf, ours)
+    load_hf_into_ours(hf, ours)
 
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (batch, 1, 3, height, width), dtype=torch.uint8, generator=gen)
@@ -253,7 +190,7 @@ def test_mapping_covers_every_parameter():
     cfg = load_config("mask2former_swin_tiny_3x").model
     with torch.device("meta"):
         ours = build_model(cfg)
-        hf = _build_hf(cfg)
+        hf = build_hf(cfg)
     state = hf_to_ours(hf.state_dict())
     ours_state = {k: v for k, v in ours.state_dict().items() if not k.endswith("relative_position_index")}
     assert sorted(state) == sorted(ours_state), (
