@@ -87,8 +87,25 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.filename is not None or exc.errno in _ENVIRONMENT_ERRNOS)
 
 
+def configure_cpu_runtime() -> None:
+    """OpenMP settings for a CPU that others may share, set before torch (and its OpenMP runtime) loads.
+
+    torch's OpenMP threads spin at every barrier waiting for each other; when another busy process holds
+    one of the cores, the spinning thread starves the one doing the work and a training iteration runs
+    at a third of its idle speed (docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting
+    (threads sleep at barriers) keeps about half, the fair share of one lost core of two, for a cost on
+    an idle machine measured in the same benchmark. A value the user set is kept (`OMP_WAIT_POLICY=ACTIVE`
+    restores torch's behaviour); once torch is imported the runtime has read its settings, so this does
+    nothing then.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def run(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call a subcommand's `main`, turning user errors into one line on stderr and exit status 2."""
+    configure_cpu_runtime()
     try:
         return main_fn(argv)
     except KeyboardInterrupt:

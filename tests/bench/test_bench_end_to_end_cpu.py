@@ -1,0 +1,263 @@
+"""End-to-end CPU benchmarks (issue 15): ours against HuggingFace transformers' Mask2Former on the same
+weights, the paper's full + 4 crops inference, and a training iteration idle and beside a busy process.
+
+    python -m pytest -m bench tests/bench/test_bench_end_to_end_cpu.py -s
+
+Take the numbers on an idle machine (`uptime` load under about 1.5): every record carries the load
+average at its start and end. CROPFORMER_BENCH_REPS (default 3) sets the interleaved repetitions;
+CROPFORMER_BENCH_QUICK=1 shrinks every size to check the benchmarks themselves in a minute.
+
+Roofline: the model's FLOPs come from torch's flop counter (matmuls, convolutions, attention; the
+deformable sampling, norms and elementwise work are not counted), per stage; the rate is a 2048 x 2048
+matmul timed in the same run, in fp32 and bf16. "roofline" = counted FLOPs / time / that rate: the
+share of the matmul rate the whole stage runs at.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cropformer.config import load_config
+from cropformer.inference import Segmenter, bf16_support
+from cropformer.modeling.build import build_model
+from cropformer.ops.rle import id_map_to_rle
+from tests.bench.common import record
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.bench
+
+QUICK = os.environ.get("CROPFORMER_BENCH_QUICK", "") not in ("", "0")
+REPS = int(os.environ.get("CROPFORMER_BENCH_REPS", "1" if QUICK else "3"))
+SIZES = [(128, 160), (160, 224)] if QUICK else [(512, 512), (800, 1088)]
+STAGES = ("backbone", "pixel decoder", "transformer decoder")
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n x n x n matmul on this CPU and thread count (best of 5)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+class StageTimer:
+    """Wall time of named submodules inside one forward, from forward pre/post hooks."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.times: dict[str, float] = {}
+        for name, module in modules.items():
+            module.register_forward_pre_hook(lambda m, a, name=name: self.times.__setitem__(name, -time.perf_counter()))
+            module.register_forward_hook(lambda m, a, o, name=name: self.times.__setitem__(name, self.times[name] + time.perf_counter()))
+
+
+def stage_flops(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """FLOPs per stage of our model (grad mode on: the flop counter's module tracker needs it)."""
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    parts = dict(zip(STAGES, ("image_encoder", "pixel_decoder", "image_decoder")))
+    flops = {stage: float(counts.get(f"CropFormer.{name}", 0)) for stage, name in parts.items()}
+    flops["whole"] = float(counts["Global"])
+    return flops
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def same_weights():
+    """Swin-T Mask2Former: HF's with seeded random weights (norms perturbed), converted into ours."""
+    pytest.importorskip("transformers", exc_type=ImportError)
+    from tests.hf_reference import build_hf, load_hf_into_ours, randomise_
+
+    cfg = load_config("mask2former_swin_tiny_3x")
+    torch.manual_seed(0)
+    ours = build_model(cfg.model).eval()
+    hf = build_hf(cfg.model)
+    randomise_(hf, seed=3)
+    load_hf_into_ours(hf, ours)
+    return ours, hf
+
+
+def test_end_to_end_vs_huggingface(same_weights):
+    """One view of Swin-T, ours (exact fp32 and, where the CPU has it, fast bf16) against HF's fp32
+    forward, interleaved: per stage and whole, ratio, share of the matmul roofline, output agreement."""
+    ours, hf = same_weights
+    fast, why = bf16_support("cpu")
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16) if fast else None
+    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    timers = {
+        "hf": StageTimer(dict(zip(STAGES, (hf.model.pixel_level_module.encoder, hf.model.pixel_level_module.decoder,
+                                          hf.model.transformer_module)))),
+        "ours": StageTimer(dict(zip(STAGES, (ours.image_encoder, ours.pixel_decoder, ours.image_decoder)))),
+    }
+    if ours_bf16 is not None:
+        timers["ours_bf16"] = StageTimer(dict(zip(STAGES, (ours_bf16.image_encoder, ours_bf16.pixel_decoder,
+                                                           ours_bf16.image_decoder))))
+    runners = {"hf": lambda x, imgs: hf(pixel_values=x), "ours": lambda x, imgs: ours(imgs)}
+    if ours_bf16 is not None:
+        runners["ours_bf16"] = lambda x, imgs: ours_bf16(imgs)
+    print(f"\nthreads {torch.get_num_threads()}, matmul {rates['fp32']:.0f} GFLOP/s fp32, {rates['bf16']:.0f} bf16; "
+          f"bf16 fast mode: {why}")
+    for H, W in SIZES:
+        load0 = _load()
+        images = torch.randint(0, 256, (1, 1, 3, H, W), generator=torch.Generator().manual_seed(H), dtype=torch.uint8)
+        flops = stage_flops(ours, images)
+        with torch.no_grad():
+            x = ours.preprocess(images)
+            outs = {name: run(x, images) for name, run in runners.items()}  # warm-up, and the outputs compared
+            times = {name: {s: [] for s in (*STAGES, "whole")} for name in runners}
+            for _ in range(REPS):
+                for name, run in runners.items():
+                    t0 = time.perf_counter()
+                    run(x, images)
+                    times[name]["whole"].append(time.perf_counter() - t0)
+                    for s in STAGES:
+                        times[name][s].append(timers[name].times[s])
+        med = {name: {s: statistics.median(v) for s, v in t.items()} for name, t in times.items()}
+        agreement = {"ours_vs_hf": {"class": _rel(outs["ours"]["image"]["pred_logits"], outs["hf"].class_queries_logits),
+                                    "mask": _rel(outs["ours"]["image"]["pred_masks"], outs["hf"].masks_queries_logits)}}
+        if ours_bf16 is not None:
+            agreement["bf16_vs_hf"] = {"class": _rel(outs["ours_bf16"]["image"]["pred_logits"], outs["hf"].class_queries_logits),
+                                       "mask": _rel(outs["ours_bf16"]["image"]["pred_masks"], outs["hf"].masks_queries_logits)}
+        rows = {}
+        for name in runners:
+            rate = rates["bf16" if name == "ours_bf16" else "fp32"]
+            rows[name] = {s: {"s": med[name][s], "vs_hf": med["hf"][s] / med[name][s],
+                              "roofline": flops[s] / med[name][s] / (rate * 1e9)} for s in (*STAGES, "whole")}
+        rec = record("end_to_end_vs_hf", {"size": [H, W], "threads": torch.get_num_threads(), "reps": REPS,
+                                          "gflop": {k: v / 1e9 for k, v in flops.items()}, "matmul_gflops": rates,
+                                          "results": rows, "agreement": agreement, "loadavg": [load0, _load()]})
+        print(f"{H} x {W}: {rec['gflop']['whole']:.0f} GFLOP counted; load {load0} -> {rec['loadavg'][1]}")
+        print(f"  {'':12s}" + "".join(f"{s:>28s}" for s in (*STAGES, "whole")))
+        for name, row in rows.items():
+            print(f"  {name:12s}" + "".join(f"{row[s]['s']:8.3f} s {row[s]['vs_hf']:5.2f}x {100 * row[s]['roofline']:4.0f}%   "
+                                            for s in (*STAGES, "whole")))
+        print(f"  agreement (max |diff| / max |HF|): {json.dumps(agreement)}")
+        assert agreement["ours_vs_hf"]["class"] < 1e-4 and agreement["ours_vs_hf"]["mask"] < 1e-4
+
+
+def test_full_plus_crops_latency():
+    """The paper's default inference (full image + 4 corner crops at short side 800: five views of the
+    same size) against one view, and the share of everything that is not the network (view planning,
+    fusion, paste, RLE), on an 800 x 1088 image and a 3000 x 4000 photo. CropFormer Swin-T, random weights."""
+    cfg = load_config("cropformer_swin_tiny_3x")
+    if QUICK:
+        cfg = load_config("cropformer_swin_tiny_3x", ["input.min_size_test=160"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    seg = Segmenter(model, cfg, mode="full_crops")
+    one = Segmenter(model, cfg, mode="full_image")
+    net = {"t": 0.0}
+    model.register_forward_pre_hook(lambda m, a: net.__setitem__("t0", time.perf_counter()))
+    model.register_forward_hook(lambda m, a, o: net.__setitem__("t", net["t"] + time.perf_counter() - net["t0"]))
+    rng = np.random.default_rng(0)
+    side = cfg.input.min_size_test
+    for H, W in ((side, round(side * 1088 / 800)), (3000, 4000)):
+        image = np.ascontiguousarray(np.repeat(np.repeat(rng.integers(0, 255, (H // 8, W // 8, 3), dtype=np.uint8), 8, 0), 8, 1))
+        load0 = _load()
+        seg.segment(image)  # warm-up
+        totals, nets, singles = [], [], []
+        for _ in range(REPS):
+            net["t"] = 0.0
+            t0 = time.perf_counter()
+            ent = seg.segment(image)
+            id_map_to_rle(ent.id_map, np.arange(1, len(ent.scores) + 1))  # what infer.py writes as COCO RLE
+            totals.append(time.perf_counter() - t0)
+            nets.append(net["t"])
+            net["t"] = 0.0
+            one.segment(image)
+            singles.append(net["t"])
+        total, network, single = (statistics.median(v) for v in (totals, nets, singles))
+        rec = record("full_crops_latency", {"image": [H, W], "short_side": side, "threads": torch.get_num_threads(),
+                                            "total_s": total, "network_s": network, "one_view_network_s": single,
+                                            "vs_one_view": total / single, "non_network_share": 1 - network / total,
+                                            "entities": len(ent.scores), "loadavg": [load0, _load()]})
+        print(f"\n{H} x {W}: full + 4 crops {total:.2f} s (network {network:.2f} s), one view {single:.2f} s: "
+              f"{rec['vs_one_view']:.2f}x one view, non-network {100 * rec['non_network_share']:.1f}% "
+              f"({rec['entities']} entities); load {rec['loadavg']}")
+
+
+# The training benchmark runs `train` in fresh processes (the OpenMP runtime reads its settings at start).
+_TRAIN = """
+import json, sys, time
+from pathlib import Path
+from cropformer.cli import configure_cpu_runtime
+if sys.argv[1] == "cli":
+    configure_cpu_runtime()  # what train.py / eval.py / infer.py do before importing torch
+import torch
+from cropformer.config import load_config
+from cropformer.data.synthetic import make_synthetic_dataset
+from cropformer.engine import train
+root = Path(sys.argv[2])
+if not (root / "data" / "annotations.json").exists():
+    make_synthetic_dataset(root / "data", 8, (256, 320), seed=0)
+iters = int(sys.argv[3])
+out = root / f"run-{time.time_ns()}"
+cfg = load_config("tiny_demo", [f"data.train_json={json.dumps(str(root / 'data/annotations.json'))}",
+                                f"data.train_images={json.dumps(str(root / 'data/images'))}",
+                                "input.min_size_train=[256]", "solver.ims_per_batch=2", f"solver.max_iter={iters}",
+                                f"solver.checkpoint_period={iters}", f"output_dir={json.dumps(str(out))}", "log_period=1000"])
+train(cfg, device="cpu")
+times = [json.loads(l)["time"] for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+print(json.dumps({"median_s": sorted(times[3:])[len(times[3:]) // 2], "threads": torch.get_num_threads()}))
+"""
+
+
+def _train_iteration(tmp: Path, policy: str, env: dict, busy: bool, iters: int) -> dict:
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))} | env
+        out = subprocess.run([sys.executable, "-c", _TRAIN, policy, str(tmp), str(iters)], env=full_env, cwd=REPO,
+                             capture_output=True, text=True, timeout=1800, check=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_training_iteration_idle_and_busy(tmp_path):
+    """The demo model's training iteration (2 images x 2 views at 256 x 320, forward + backward + step),
+    idle and with one process spinning on a core, under torch's default OpenMP settings and the ones our
+    command-line tools set (`cropformer.cli.configure_cpu_runtime`)."""
+    iters = 8 if QUICK else 25
+    variants = {"torch default": ("plain", {}), "ours (train.py)": ("cli", {}),
+                "OMP_WAIT_POLICY=PASSIVE": ("plain", {"OMP_WAIT_POLICY": "PASSIVE"}),
+                "1 thread": ("plain", {"OMP_NUM_THREADS": "1"})}
+    load0 = _load()
+    results = {}
+    for busy in (False, True):
+        for name, (policy, env) in variants.items():
+            results.setdefault(name, {})["busy" if busy else "idle"] = _train_iteration(tmp_path, policy, env, busy, iters)
+    base = results["torch default"]["idle"]["median_s"]
+    rows = {name: {"idle_s": r["idle"]["median_s"], "busy_s": r["busy"]["median_s"],
+                   "busy_share_of_idle_speed": r["idle"]["median_s"] / r["busy"]["median_s"],
+                   "busy_share_of_best_idle": base / r["busy"]["median_s"], "threads": r["idle"]["threads"]}
+            for name, r in results.items()}
+    rec = record("train_iteration_idle_busy", {"iters": iters, "results": rows, "loadavg": [load0, _load()]})
+    print(f"\ntraining iteration, median of {iters - 3} (load {rec['loadavg']}):")
+    for name, row in rows.items():
+        print(f"  {name:26s} idle {1000 * row['idle_s']:6.0f} ms  busy {1000 * row['busy_s']:6.0f} ms  "
+              f"busy speed {100 * row['busy_share_of_idle_speed']:3.0f}% of its idle, "
+              f"{100 * row['busy_share_of_best_idle']:3.0f}% of torch-default idle ({row['threads']} threads)")
