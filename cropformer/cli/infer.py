@@ -20,7 +20,9 @@ its folder and renamed into place, so an interruption leaves no partial output u
 Resume: an image is skipped when its three outputs exist and its JSON records the same input file
 (path, size, modification time). One image failing (decode, segment, write; stage and reason in
 failures.json) never stops the batch; the exit status is 1 when any image failed or none was found.
-Memory stays bounded on any image size: JPEGs are decoded at reduced resolution when the network needs
+Throughput: --workers threads (default 2) decode the next images and write the last ones' outputs while
+the network runs; --batch-size N runs N images per network call (worth it on a GPU). --workers 0 is the
+plain one-at-a-time loop; both give the same files. Memory stays bounded on any image size: JPEGs are decoded at reduced resolution when the network needs
 fewer pixels, and the fused paste never holds per-query full-resolution maps.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ import glob
 import json
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from . import UserError, add_common_options, debug_requested, describe_os_error, setup_logging
@@ -124,6 +128,24 @@ def write_outputs(outputs: list[Path], key: dict, ent, image_rgb, overlay_max_si
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
 
 
+class _Inline:
+    """The executor of --workers 0: runs each task at once, in this thread (today's serial loop)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return describe_os_error(exc)
@@ -146,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), refused elsewhere")
     p.add_argument("--overlay-max-side", type=int, default=2048)
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full resolution (parity path)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads decoding ahead and writing behind the network (0: one image at a time)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per network call (views of equal padded size share a forward; worth it on a GPU)")
     add_common_options(p)
     return p
 
@@ -154,6 +180,8 @@ def main(argv=None) -> int:
     setup_logging()
     p = build_parser()
     args = p.parse_args(argv)
+    if args.workers < 0 or args.batch_size < 1:
+        p.error("--workers must be >= 0 and --batch-size >= 1")
 
     from ..checkpoint import atomic_write
     from ..config import load_config
@@ -175,39 +203,103 @@ def main(argv=None) -> int:
                                     score_threshold=args.score_threshold, precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
-    done = skipped = 0
+    counts = {"done": 0, "skipped": 0}
     failures = []
-    for path in paths:
-        outputs = output_paths(out, Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))))
-        stage = "decode"
-        try:
-            key = source_key(path)
-            if already_done(outputs, key):
-                skipped += 1
-                bar.update(1, failed=len(failures))
-                continue
-            info = read_image_info(path)
-            decoded = decode_image(path, scale=seg.plan(info.height, info.width).needed_scale(), reduced=not args.full_decode)
-            stage = "segment"
-            ent = seg.segment(decoded)
-            stage = "write"
-            write_outputs(outputs, key, ent, decoded.image, args.overlay_max_side)
-            done += 1
-        except Exception as exc:  # any failure of one image (out of memory, a model error) spares the batch
-            if debug_requested(argv):
-                raise
-            reason = failure_reason(exc)
-            log.warning("%s: %s failed: %s", path, stage, reason)
-            failures.append({"path": str(path), "stage": stage, "reason": reason})
-            if stage == "write":  # all three outputs or none
-                for f in outputs:
-                    with contextlib.suppress(OSError):
-                        f.unlink(missing_ok=True)
-            if stage == "segment" and args.device == "cuda":
-                import torch
 
-                torch.cuda.empty_cache()
+    def prepare(path: Path, outputs: list[Path]):
+        """Decode stage (a worker thread): None when already done, else (key, decoded image)."""
+        key = source_key(path)
+        if already_done(outputs, key):
+            return None
+        info = read_image_info(path)
+        return key, decode_image(path, scale=seg.plan(info.height, info.width).needed_scale(), reduced=not args.full_decode)
+
+    def failed(path: Path, stage: str, exc: BaseException, outputs: list[Path]) -> None:
+        # Any failure of one image (a bad file, out of memory, a model error) spares the batch.
+        if debug_requested(argv):
+            raise exc
+        reason = failure_reason(exc)
+        log.warning("%s: %s failed: %s", path, stage, reason)
+        failures.append({"path": str(path), "stage": stage, "reason": reason})
+        if stage == "write":  # all three outputs or none
+            for f in outputs:
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        if stage == "segment" and args.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
         bar.update(1, failed=len(failures))
+
+    def finish_write(item, future) -> None:
+        try:
+            future.result()
+            counts["done"] += 1
+            bar.update(1, failed=len(failures))
+        except Exception as exc:
+            failed(item[0], "write", exc, item[1])
+
+    def segment(batch: list) -> list:
+        """Network stage (this thread): a batch of decoded images, or one at a time when the batch fails,
+        so that only the image at fault is reported."""
+        images = [decoded for _, _, _, decoded in batch]
+        try:
+            return list(zip(batch, seg.segment_batch(images)))
+        except Exception:
+            if len(batch) == 1:
+                raise
+        results = []
+        for item in batch:
+            try:
+                results.append((item, seg.segment(item[3])))
+            except Exception as exc:
+                failed(item[0], "segment", exc, item[1])
+        return results
+
+    # Three stages overlap: `workers` threads decode ahead and write behind while this thread runs the
+    # network (OpenCV's and PIL's codecs and zlib release the GIL, so threads suffice and no image is
+    # copied between processes). Outputs and failures.json are the same as with --workers 0 (serial).
+    items = [(path, output_paths(out, Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))))
+             for path in paths]
+    lookahead = args.batch_size + 2 * args.workers  # images decoded or waiting to be written: bounds memory
+    with (ThreadPoolExecutor(args.workers) if args.workers else _Inline()) as decoders, \
+         (ThreadPoolExecutor(args.workers) if args.workers else _Inline()) as writers:
+        decoding = deque()
+        writing = deque()
+        next_item = 0
+        batch = []
+        while next_item < len(items) or decoding or batch:
+            while next_item < len(items) and len(decoding) + len(writing) < lookahead:
+                item = items[next_item]
+                decoding.append((item, decoders.submit(prepare, *item)))
+                next_item += 1
+            if decoding:
+                item, future = decoding.popleft()
+                try:
+                    prepared = future.result()
+                except Exception as exc:
+                    failed(item[0], "decode", exc, item[1])
+                else:
+                    if prepared is None:
+                        counts["skipped"] += 1
+                        bar.update(1, failed=len(failures))
+                    else:
+                        batch.append((*item, *prepared))
+            if batch and (len(batch) == args.batch_size or not (decoding or next_item < len(items))):
+                try:
+                    results = segment(batch)
+                except Exception as exc:
+                    failed(batch[0][0], "segment", exc, batch[0][1])
+                    results = []
+                batch = []
+                for (path, outputs, key, decoded), ent in results:
+                    writing.append(((path, outputs), writers.submit(write_outputs, outputs, key, ent, decoded.image,
+                                                                   args.overlay_max_side)))
+            while writing and (writing[0][1].done() or len(writing) > lookahead // 2):
+                finish_write(*writing.popleft())
+        while writing:
+            finish_write(*writing.popleft())
+    done, skipped = counts["done"], counts["skipped"]
     bar.close()
     report = {"total": len(paths), "segmented": done, "skipped": skipped, "failed": failures}
     atomic_write(out / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
