@@ -252,8 +252,19 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# Value ranges the types alone do not say: (section, field) -> (low, high); a float range excludes low.
+_RANGES = {("input", "crop_sample_num_test"): (0, 4), ("input", "crop_sample_num_train"): (0, 4),
+           ("input", "crop_ratio"): (0.0, 1.0)}
+
+
 def from_dict(data: dict, source: str = "<dict>") -> Config:
-    return _from_dict(Config, data, source)
+    cfg = _from_dict(Config, data, source)
+    for (section, name), (lo, hi) in _RANGES.items():
+        value = getattr(getattr(cfg, section), name)
+        if not (lo <= value <= hi) or (isinstance(lo, float) and value == lo):
+            span = f"{lo}..{hi}" if isinstance(lo, int) else f"in ({lo}, {hi}]"
+            raise ConfigError(f"{source}: {section}.{name} must be {span}, got {value}")
+    return cfg
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -312,8 +323,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a config file (path or name in `configs/`) and apply `--set a.b=value` overrides."""
     path = resolve_path(name_or_path)
-    data = _read_json(path)
-    where = str(path)
+    return _apply_overrides(_read_json(path), overrides, str(path))
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], source: str = "config") -> Config:
+    """A copy of `cfg` with `--set a.b=value` overrides applied (e.g. to the config a checkpoint stores)."""
+    return _apply_overrides(to_dict(cfg), overrides, source)
+
+
+def _apply_overrides(data: dict, overrides, where: str) -> Config:
+    path = where
     for item in overrides:
         keys, value = parse_override(item)
         node = data

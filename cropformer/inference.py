@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model_weights, read_weights
-from .config import Config, load_config
+from .config import Config, load_config, with_overrides
 from .data.dataset import _ceil_to, collate
 from .data.decode import DecodedImage
 from .data.views import build_sample, inference_corners, plan_views
@@ -148,11 +148,13 @@ class Segmenter:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, cfg: Config | str | None = None, device: str = "cpu", **options) -> Segmenter:
+    def from_checkpoint(cls, path: str | Path, cfg: Config | str | None = None, device: str = "cpu",
+                        overrides: list[str] | tuple[str, ...] = (), **options) -> Segmenter:
         """Load our exported weights, a training checkpoint or an official checkpoint.
 
         The config comes from the checkpoint when it stores one; otherwise pass `cfg` (a Config, or a
-        config file/name such as "cropformer_swin_tiny_3x").
+        config file/name such as "cropformer_swin_tiny_3x"). `overrides` ("input.crop_sample_num_test=2",
+        ...) apply to whichever config is used.
         """
         state, stored = read_weights(path)
         if isinstance(cfg, str):
@@ -160,6 +162,8 @@ class Segmenter:
         cfg = cfg or stored
         if cfg is None:
             raise ValueError(f"{path} stores no config: pass cfg= (e.g. 'cropformer_swin_tiny_3x')")
+        if overrides:
+            cfg = with_overrides(cfg, overrides, f"{path} (config, with --set overrides)")
         model = build_model(cfg.model)
         load_model_weights(model, state, source=str(path), strict=True)
         return cls(model.to(device), cfg, **options)

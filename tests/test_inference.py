@@ -421,6 +421,20 @@ def test_bf16_fast_mode_loses_no_more_than_plain_pytorch(monkeypatch):
         Segmenter(model, load_config("tiny_demo"), precision="fp16")
 
 
+def test_overrides_apply_to_the_checkpoints_config(trained, tmp_path, capsys):
+    """--set on eval/infer changes the config the checkpoint stores (it used to need --cfg)."""
+    from cropformer.cli import infer as infer_cli
+    from cropformer.cli import run
+
+    root, weights = trained
+    seg = Segmenter.from_checkpoint(weights, overrides=["input.crop_sample_num_test=1", "input.min_size_test=64"])
+    assert seg.cfg.input.min_size_test == 64 and [v.corner for v in seg.plan(96, 128).views] == [-1, 0]
+    rc = run(infer_cli.main, ["--ckpt", str(weights), "--input", str(root / "val/images"), "--out", str(tmp_path / "o"),
+                              "--set", "input.crop_sample_num_test=7"])
+    assert rc == 2 and "input.crop_sample_num_test must be 0..4, got 7" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path):
     """--workers/--batch-size overlap decode, network and writes: the files, failures.json and the exit
     status are those of the one-at-a-time loop (--workers 0), bad files included."""

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cropformer eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="weights: ours (.safetensors / training .pth) or an official checkpoint")
     p.add_argument("--cfg", help="config file or name (needed when the checkpoint stores none)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides (of --cfg, or of the checkpoint's config), e.g. input.crop_sample_num_test=2")
     p.add_argument("--data", required=True, help="COCO-style ground-truth JSON")
     p.add_argument("--images", help="image folder (file_name in the JSON is relative to it)")
     p.add_argument("--preds", help="evaluate this COCO RLE predictions file instead of running a model")
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
         rank, _, local_rank = dist_utils.init_distributed(device)
         if device == "cuda":
             device = f"cuda:{local_rank}"
-        cfg = load_config(args.cfg, args.set) if args.cfg else None
-        seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, device=device, mode=args.mode,
+        cfg = load_config(args.cfg) if args.cfg else None
+        seg = Segmenter.from_checkpoint(args.ckpt, cfg=cfg, overrides=args.set, device=device, mode=args.mode,
                                         score_mode=args.score_mode, min_area=args.min_area, precision=args.precision)
         preds, stats = predict_dataset(seg, gt, args.images, reduced_decode=args.reduced_decode)
         out = Path(args.out or Path(args.ckpt).parent / "eval")

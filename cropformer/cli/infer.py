@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cropformer infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="weights: ours or an official checkpoint")
     p.add_argument("--cfg", help="config file or name (needed when the checkpoint stores none)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. input.crop_sample_num_test=2 input.min_size_test=1024")
     p.add_argument("--input", required=True, help="image folder (recursive), glob pattern, .txt list, or one image")
     p.add_argument("--out", required=True, help="output folder (must not hold any input)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
     if not paths:
         print(f"no images found in {args.input} (extensions: {', '.join(sorted(IMAGE_EXTS))})")
         return 1
-    seg = Segmenter.from_checkpoint(args.ckpt, cfg=load_config(args.cfg) if args.cfg else None, device=args.device,
+    seg = Segmenter.from_checkpoint(args.ckpt, cfg=load_config(args.cfg) if args.cfg else None, overrides=args.set,
+                                    device=args.device,
                                     mode=args.mode, score_mode=args.score_mode, min_area=args.min_area,
                                     score_threshold=args.score_threshold, precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
