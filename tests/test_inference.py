@@ -469,3 +469,31 @@ def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path):
             assert a == b, k
         else:
             assert data == batched[k], k
+
+
+def test_precision_check_script(trained, tmp_path, monkeypatch, capsys):
+    """scripts/precision_check.py: fp32 against bf16 on the same images, AP of each and entity agreement
+    (the CPU's bf16 support is faked where absent: the arithmetic is the same, only slower)."""
+    import importlib.util
+
+    import cropformer.inference as inference
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    spec = importlib.util.spec_from_file_location("precision_check", REPO / "scripts" / "precision_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root, weights = trained
+    out = tmp_path / "report.json"
+    assert script.main(["--ckpt", str(weights), "--data", str(root / "val/annotations.json"),
+                        "--images", str(root / "val/images"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] >= 3 and set(report["AP"]) == {"fp32", "bf16"}
+    assert report["AP_diff_bf16_minus_fp32"] == report["AP"]["bf16"]["AP"] - report["AP"]["fp32"]["AP"]
+    assert 0.0 <= report["pixels_differ"] <= 1.0 and report["entities_fp32"] >= report["matched_entities"] > 0
+    assert 0.0 < report["mean_iou"] <= 1.0
+
+    # an entity pair is compared by query: identical maps agree fully
+    ent = Segmenter.from_checkpoint(weights).segment(np.zeros((96, 128, 3), np.uint8))
+    same = script.compare_entities(ent, ent)
+    assert same["differ"] == 0 and same["pixels_differ"] == 0.0 and all(i == 1.0 for i in same["ious"])

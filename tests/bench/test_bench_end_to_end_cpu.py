@@ -41,6 +41,7 @@ QUICK = os.environ.get("CROPFORMER_BENCH_QUICK", "") not in ("", "0")
 REPS = int(os.environ.get("CROPFORMER_BENCH_REPS", "1" if QUICK else "3"))
 SIZES = [(128, 160), (160, 224)] if QUICK else [(512, 512), (800, 1088)]
 STAGES = ("backbone", "pixel decoder", "transformer decoder")
+CONFIDENT_MASKS = float(os.environ.get("CROPFORMER_BENCH_MASK_SCALE", "20"))  # 1: the raw random model
 
 
 def _load() -> list[float]:
@@ -166,6 +167,14 @@ def test_full_plus_crops_latency():
         cfg = load_config("cropformer_swin_tiny_3x", ["input.min_size_test=160"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        # Random weights give mask logits near 0 everywhere: every query is uncertain at every pixel, the
+        # paste's tile pruning never applies and it evaluates ~Q queries per pixel (a worst case a trained
+        # model does not produce: ~1.5 per pixel for the issue-17 checkpoints). Scaled mask embeddings
+        # make confident masks with sharp edges, as trained ones are.
+        last = model.image_decoder.mask_embed.layers[-1]
+        last.weight.mul_(CONFIDENT_MASKS)
+        last.bias.mul_(CONFIDENT_MASKS)
     seg = Segmenter(model, cfg, mode="full_crops")
     one = Segmenter(model, cfg, mode="full_image")
     net = {"t": 0.0}
@@ -190,6 +199,7 @@ def test_full_plus_crops_latency():
             singles.append(net["t"])
         total, network, single = (statistics.median(v) for v in (totals, nets, singles))
         rec = record("full_crops_latency", {"image": [H, W], "short_side": side, "threads": torch.get_num_threads(),
+                                            "mask_scale": CONFIDENT_MASKS,
                                             "total_s": total, "network_s": network, "one_view_network_s": single,
                                             "vs_one_view": total / single, "non_network_share": 1 - network / total,
                                             "entities": len(ent.scores), "loadavg": [load0, _load()]})
