@@ -271,3 +271,44 @@ def test_training_iteration_idle_and_busy(tmp_path):
         print(f"  {name:26s} idle {1000 * row['idle_s']:6.0f} ms  busy {1000 * row['busy_s']:6.0f} ms  "
               f"busy speed {100 * row['busy_share_of_idle_speed']:3.0f}% of its idle, "
               f"{100 * row['busy_share_of_best_idle']:3.0f}% of torch-default idle ({row['threads']} threads)")
+
+
+_FORWARD = """
+import json, statistics, sys, time
+from cropformer.cli import configure_cpu_runtime
+if sys.argv[1] == "cli":
+    configure_cpu_runtime()
+import torch
+from cropformer.config import load_config
+from cropformer.modeling.build import build_model
+H, W, reps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = build_model(load_config("mask2former_swin_tiny_3x").model).eval()
+x = torch.randint(0, 256, (1, 1, 3, H, W), dtype=torch.uint8)
+times = []
+with torch.no_grad():
+    model(x)
+    for _ in range(reps):
+        t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
+print(json.dumps({"median_s": statistics.median(times)}))
+"""
+
+
+def test_openmp_policy_inference_idle():
+    """What the command-line tools' passive OpenMP waiting costs an idle machine at inference: one view
+    of Swin-T, fresh processes, torch's default against `configure_cpu_runtime`, interleaved."""
+    H, W = SIZES[0]
+    load0 = _load()
+    times = {"torch default": [], "ours (infer.py)": []}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    for _ in range(REPS):
+        for name, policy in (("torch default", "plain"), ("ours (infer.py)", "cli")):
+            out = subprocess.run([sys.executable, "-c", _FORWARD, policy, str(H), str(W), "3"], env=env, cwd=REPO,
+                                 capture_output=True, text=True, timeout=1800, check=True)
+            times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["median_s"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rec = record("openmp_policy_inference", {"size": [H, W], "median_s": med,
+                                             "passive_cost": med["ours (infer.py)"] / med["torch default"] - 1,
+                                             "loadavg": [load0, _load()]})
+    print(f"\nSwin-T one view {H} x {W}: torch default {med['torch default']:.3f} s, ours {med['ours (infer.py)']:.3f} s "
+          f"({100 * rec['passive_cost']:+.1f}%); load {rec['loadavg']}")
