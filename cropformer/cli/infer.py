@@ -22,8 +22,9 @@ Resume: an image is skipped when its three outputs exist and its JSON records th
 failures.json) never stops the batch; the exit status is 1 when any image failed or none was found.
 Throughput: --workers threads (default 2) decode the next images and write the last ones' outputs while
 the network runs; --batch-size N runs N images per network call (worth it on a GPU). --workers 0 is the
-plain one-at-a-time loop; both give the same files. Memory stays bounded on any image size: JPEGs are decoded at reduced resolution when the network needs
-fewer pixels, and the fused paste never holds per-query full-resolution maps.
+plain one-at-a-time loop; both give the same files. Memory stays bounded on any image size: JPEGs are
+decoded at reduced resolution when the network needs fewer pixels, and the fused paste never holds
+per-query full-resolution maps.
 """
 from __future__ import annotations
 
