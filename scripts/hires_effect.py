@@ -1,6 +1,6 @@
 """The crop ensemble's gain (issue 17; paper Table 7), with error bars, in one command:
 
-    python scripts/hires_effect.py --out hires_run                  # defaults: about an hour, idle 2-core CPU
+    python scripts/hires_effect.py --out hires_run                  # defaults: about 75 min, idle 2-core CPU
     python scripts/hires_effect.py --out hires_gpu --device cuda --seeds 5 --iters 3000   # GPU: not run yet
 
 1. Generates the detail set (`cropformer.data.synthetic.make_detail_image`, seeded): twins split by
