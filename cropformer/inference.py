@@ -57,10 +57,35 @@ def _cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_gain() -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of a 1024^3 matmul on this CPU and thread count, best of 3 (~0.1 s, once per
+    process): the instruction set alone does not say whether bf16 is faster (a VM with AVX512-BF16 but
+    no AMX ran bf16 matmuls at 0.56x the fp32 rate, docs/BENCHMARKS.md)."""
+    import time
+
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(1024, 1024).to(dtype)
+        b = torch.randn(1024, 1024).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        rates.append(2 * 1024**3 / best / 1e9)
+    return rates[0], rates[1]
+
+
+# bf16 must beat fp32 matmuls by this factor for fast mode to run on a CPU (the network is not all matmuls).
+MIN_CPU_BF16_GAIN = 1.3
+
+
 def bf16_support(device: torch.device | str) -> tuple[bool, str]:
-    """(fast, why): whether `device` computes bfloat16 natively. On CPU that takes AVX512-BF16 or AMX
-    (oneDNN then runs bf16 matmuls and convolutions at 2-3x the fp32 rate); without them bf16 is
-    emulated and slower than fp32, so fast mode is refused rather than quietly slow."""
+    """(fast, why): whether `device` runs bfloat16 faster than float32. On CPU that needs AVX512-BF16 or
+    AMX-BF16 and, measured once per process, bf16 matmuls at least MIN_CPU_BF16_GAIN x the fp32 rate;
+    otherwise fast mode is refused rather than quietly slower than exact mode."""
     device = torch.device(device)
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
@@ -68,12 +93,15 @@ def bf16_support(device: torch.device | str) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"no bf16 fast mode on {device.type}"
     flags = _cpu_flags()
-    if "amx_bf16" in flags:
-        return True, "CPU with AMX-BF16"
-    if "avx512_bf16" in flags:
-        return True, "CPU with AVX512-BF16"
-    why = "no /proc/cpuinfo to read the CPU's features" if not flags else "this CPU has neither AVX512-BF16 nor AMX-BF16"
-    return False, why + " (bf16 would be emulated, slower than fp32): use precision fp32"
+    isa = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    if isa is None:
+        why = "no /proc/cpuinfo to read the CPU's features" if not flags else "this CPU has neither AVX512-BF16 nor AMX-BF16"
+        return False, why + " (bf16 would be emulated, slower than fp32): use precision fp32"
+    fp32, bf16 = _cpu_bf16_gain()
+    if bf16 < MIN_CPU_BF16_GAIN * fp32:
+        return False, (f"this CPU has {isa} but runs bf16 matmuls at {bf16:.0f} GFLOP/s against {fp32:.0f} in fp32 "
+                       f"(measured now, {torch.get_num_threads()} threads): no gain, use precision fp32")
+    return True, f"CPU with {isa}: bf16 matmuls {bf16:.0f} GFLOP/s, fp32 {fp32:.0f}"
 
 
 @dataclass

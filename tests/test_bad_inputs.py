@@ -154,15 +154,17 @@ def test_infer_bad_image_is_reported_and_batch_goes_on(case, ckpt, tmp_path, cap
 
 
 def _fail_segment(exc):
+    """The network fails on any call that holds the 37 px wide image (`segment` goes through
+    `segment_batch`, so batched and one-at-a-time inference both hit it)."""
     def patch(monkeypatch):
-        segment = Segmenter.segment
+        segment_batch = Segmenter.segment_batch
 
-        def failing(self, image):
-            if image.width == 37:
+        def failing(self, images, *args, **kwargs):
+            if any(image.width == 37 for image in images):
                 raise exc
-            return segment(self, image)
+            return segment_batch(self, images, *args, **kwargs)
 
-        monkeypatch.setattr(Segmenter, "segment", failing)
+        monkeypatch.setattr(Segmenter, "segment_batch", failing)
     return patch
 
 
@@ -185,8 +187,11 @@ STAGE_FAILURES = {
 }
 
 
+@pytest.mark.parametrize("batch", ["1", "3"])
 @pytest.mark.parametrize("case", list(STAGE_FAILURES))
-def test_infer_failure_at_a_later_stage(case, ckpt, tmp_path, capsys, monkeypatch):
+def test_infer_failure_at_a_later_stage(case, batch, ckpt, tmp_path, capsys, monkeypatch):
+    """One image failing after decoding spares the others, one at a time or in a batch (the batch is
+    then rerun image by image, so only the image at fault is reported)."""
     patch, stage, reason = STAGE_FAILURES[case]
     patch(monkeypatch)
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -195,7 +200,7 @@ def test_infer_failure_at_a_later_stage(case, ckpt, tmp_path, capsys, monkeypatc
     (inp / "odd.png").write_bytes(encode(smooth(40, 37), ".png"))  # the patched failure hits width 37
     (inp / "z.jpg").write_bytes(encode(GOOD, ".jpg"))
     before = tree_hashes(inp)
-    code, text = cli(infer_cli.main, ["--ckpt", ckpt, "--input", inp, "--out", out], capsys)
+    code, text = cli(infer_cli.main, ["--ckpt", ckpt, "--input", inp, "--out", out, "--batch-size", batch], capsys)
     assert code == 1 and "2 segmented" in text and str(inp / "odd.png") in text
     (failure,) = json.loads((out / "failures.json").read_text())["failed"]
     assert (failure["path"], failure["stage"]) == (str(inp / "odd.png"), stage)

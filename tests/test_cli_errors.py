@@ -4,6 +4,7 @@ untouched; `--debug` / CROPFORMER_DEBUG=1 show the traceback."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,15 +183,25 @@ def test_scripts_and_other_commands_share_the_error_layer(files, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+BF16_CPUS = {  # name: (CPU flags, measured (fp32, bf16) matmul GFLOP/s, strings of the message)
+    "no bf16 instructions": ({"fpu", "avx2", "avx512f"}, (130.0, 40.0), ("AVX512-BF16", "emulated")),
+    "bf16 but no gain": ({"avx512f", "avx512_bf16"}, (258.0, 144.0), ("144 GFLOP/s against 258", "no gain")),
+}
+
+
+@pytest.mark.parametrize("cpu", list(BF16_CPUS))
 @pytest.mark.parametrize("command", ["infer", "eval"])
-def test_bf16_without_hardware_support_is_one_line(files, tmp_path, capsys, monkeypatch, command):
-    """--precision bf16 on a CPU without AVX512-BF16/AMX: refused in one line (it would run emulated,
-    slower than fp32), before any output is written."""
+def test_bf16_without_a_gain_is_one_line(files, tmp_path, capsys, monkeypatch, command, cpu):
+    """--precision bf16 where it would not be faster (no bf16 instructions: emulated; or the instructions
+    but bf16 matmuls measured no faster than fp32, as on this project's CI VM): refused in one line,
+    before any output is written."""
     import cropformer.inference as inference
     from cropformer.cli import eval as eval_cli
     from cropformer.cli import infer as infer_cli
 
-    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"fpu", "avx2", "avx512f"}))
+    flags, rates, needles = BF16_CPUS[cpu]
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(inference, "_cpu_bf16_gain", lambda: rates)
     images = files / "train" / "images"
     if command == "infer":
         main, argv = infer_cli.main, ["--input", str(images), "--out", str(tmp_path / "out")]
@@ -198,5 +209,22 @@ def test_bf16_without_hardware_support_is_one_line(files, tmp_path, capsys, monk
         main, argv = eval_cli.main, ["--data", str(files / "train" / "annotations.json"), "--images", str(images),
                                      "--out", str(tmp_path / "out")]
     rc = run(main, ["--ckpt", str(files / "weights.safetensors"), "--device", "cpu", "--precision", "bf16", *argv])
-    _one_line_error(capsys, rc, "bf16", "AVX512-BF16", "fp32")
+    _one_line_error(capsys, rc, "bf16", "fp32", *needles)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("load,env,expected", [(5.0, {}, "PASSIVE"), (0.2, {}, "unset"),
+                                               (5.0, {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                               (5.0, {"GOMP_SPINCOUNT": "1000"}, "unset")])
+def test_openmp_waits_passively_only_on_a_busy_cpu(load, env, expected):
+    """The command-line tools choose passive OpenMP waiting before torch loads when the load average
+    shows other work (it costs ~17% idle, gains ~2x beside a busy process), never over the user's choice."""
+    probe = ("import os, sys\nos.getloadavg = lambda: (%r, 0.0, 0.0)\nos.sched_getaffinity = lambda pid: {0, 1}\n"
+             "from cropformer.cli import configure_cpu_runtime\nconfigure_cpu_runtime()\n"
+             "assert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY', 'unset'))") % load
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    res = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expected
+    assert ("OMP_WAIT_POLICY=PASSIVE" in res.stderr) == (expected == "PASSIVE" and not env)

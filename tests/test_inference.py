@@ -411,6 +411,7 @@ def test_bf16_fast_mode_loses_no_more_than_plain_pytorch(monkeypatch):
             assert 1e-4 < err["ours"] <= 2 * err["plain"], (dec, key, err)
 
     monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(inference, "_cpu_bf16_gain", lambda: (130.0, 390.0))
     model = _perturbed_tiny()
     seg = Segmenter(model, load_config("tiny_demo"), precision="bf16", score_threshold=0.0)
     image = np.random.default_rng(0).integers(0, 255, (150, 230, 3), dtype=np.uint8)
@@ -473,13 +474,14 @@ def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path):
 
 def test_precision_check_script(trained, tmp_path, monkeypatch, capsys):
     """scripts/precision_check.py: fp32 against bf16 on the same images, AP of each and entity agreement
-    (the CPU's bf16 support is faked where absent: the arithmetic is the same, only slower)."""
+    (the CPU's bf16 support is faked: the arithmetic is the same on any CPU, only the speed differs)."""
     import importlib.util
 
     import cropformer.inference as inference
     from tests.conftest import REPO
 
     monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(inference, "_cpu_bf16_gain", lambda: (130.0, 390.0))
     spec = importlib.util.spec_from_file_location("precision_check", REPO / "scripts" / "precision_check.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

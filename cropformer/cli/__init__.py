@@ -87,20 +87,33 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.filename is not None or exc.errno in _ENVIRONMENT_ERRNOS)
 
 
+def busy_cpu(load: float, cpus: int) -> bool:
+    """Whether other processes keep the CPU busy: a 1-minute load average of at least half the cores
+    (this process has not started its threads yet, so the load is others')."""
+    return load >= 0.5 * cpus
+
+
 def configure_cpu_runtime() -> None:
-    """OpenMP settings for a CPU that others may share, set before torch (and its OpenMP runtime) loads.
+    """OpenMP settings for a CPU that others are using, set before torch (and its OpenMP runtime) loads.
 
     torch's OpenMP threads spin at every barrier waiting for each other; when another busy process holds
-    one of the cores, the spinning thread starves the one doing the work and a training iteration runs
-    at a third of its idle speed (docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting
-    (threads sleep at barriers) keeps about half, the fair share of one lost core of two, for a cost on
-    an idle machine measured in the same benchmark. A value the user set is kept (`OMP_WAIT_POLICY=ACTIVE`
-    restores torch's behaviour); once torch is imported the runtime has read its settings, so this does
-    nothing then.
+    one of the cores, the spinning thread starves the one doing the work: a training iteration ran at 34%
+    of its idle speed beside one busy process, and at 63-75% with passive waiting (threads sleep at
+    barriers; docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting also cost 17-19% on
+    the idle machine, so it is chosen only when the load average at start shows other work
+    (`busy_cpu`), and logged then. A value the user set is kept (`OMP_WAIT_POLICY=PASSIVE` always,
+    `ACTIVE` never); once torch is imported the runtime has read its settings, so this does nothing then.
     """
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        load, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):  # no load average (Windows) or no affinity call (macOS)
+        return
+    if busy_cpu(load, cpus):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        print(f"note: load average {load:.1f} on {cpus} cores: OpenMP threads will wait passively "
+              "(OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY=ACTIVE to override)", file=sys.stderr)
 
 
 def run(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

@@ -167,7 +167,9 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
         )  # B x (nW * h) x N x d
-        out = out.view(B, nW, h, N, C // h).transpose(2, 3).reshape(Bw, N, C)
+        # An explicit copy, not reshape: the fused kernel's output layout lets reshape trace as a view,
+        # which the math kernel's layout (ONNX export decomposes SDPA to it) cannot satisfy.
+        out = out.view(B, nW, h, N, C // h).transpose(2, 3).clone(memory_format=torch.contiguous_format).view(Bw, N, C)
         return self.proj_drop(self.proj(out))
 
 
