@@ -99,7 +99,7 @@ def configure_cpu_runtime() -> None:
     torch's OpenMP threads spin at every barrier waiting for each other; when another busy process holds
     one of the cores, the spinning thread starves the one doing the work: a training iteration ran at 34%
     of its idle speed beside one busy process, and at 63-75% with passive waiting (threads sleep at
-    barriers; docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting also cost 17-19% on
+    barriers; docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting also cost 17-38% on
     the idle machine, so it is chosen only when the load average at start shows other work
     (`busy_cpu`), and logged then. A value the user set is kept (`OMP_WAIT_POLICY=PASSIVE` always,
     `ACTIVE` never); once torch is imported the runtime has read its settings, so this does nothing then.
