@@ -57,25 +57,27 @@ def _cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_gain() -> tuple[float, float]:
-    """(fp32, bf16) GFLOP/s of a 1024^3 matmul on this CPU and thread count, best of 3 (~0.1 s, once per
-    process): the instruction set alone does not say whether bf16 is faster (a VM with AVX512-BF16 but
-    no AMX ran bf16 matmuls at 0.56x the fp32 rate, docs/BENCHMARKS.md)."""
+def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` on this CPU and thread count (best of `reps`, after one
+    warm-up): the roofline the benchmarks report against, and fast mode's check."""
     import time
 
-    rates = []
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(1024, 1024).to(dtype)
-        b = torch.randn(1024, 1024).to(dtype)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
         a @ b
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        rates.append(2 * 1024**3 / best / 1e9)
-    return rates[0], rates[1]
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_gain() -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of a 1024^3 matmul (~0.1 s, once per process): the instruction set alone does
+    not say whether bf16 is faster (a VM with AVX512-BF16 but no AMX ran bf16 matmuls at 0.56x the fp32
+    rate, docs/BENCHMARKS.md)."""
+    return matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
 
 
 # bf16 must beat fp32 matmuls by this factor for fast mode to run on a CPU (the network is not all matmuls).

@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cropformer.config import load_config
-from cropformer.inference import Segmenter, bf16_support
+from cropformer.inference import Segmenter, bf16_support, matmul_rate
 from cropformer.modeling.build import build_model
 from cropformer.ops.rle import id_map_to_rle
 from tests.bench.common import record
@@ -46,18 +46,6 @@ CONFIDENT_MASKS = float(os.environ.get("CROPFORMER_BENCH_MASK_SCALE", "20"))  # 
 
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
-    """GFLOP/s of an n x n x n matmul on this CPU and thread count (best of 5)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 class StageTimer:
@@ -106,7 +94,7 @@ def test_end_to_end_vs_huggingface(same_weights):
     ours, hf = same_weights
     fast, why = bf16_support("cpu")
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16) if fast else None
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    rates = {"fp32": matmul_rate(torch.float32, 2048, 5), "bf16": matmul_rate(torch.bfloat16, 2048, 5)}
     timers = {
         "hf": StageTimer(dict(zip(STAGES, (hf.model.pixel_level_module.encoder, hf.model.pixel_level_module.decoder,
                                           hf.model.transformer_module)))),
