@@ -240,7 +240,8 @@ class Segmenter:
             T = len(samples[idx[0]]["images"])
             batch = collate([samples[i] for i in idx], size_divisibility=stride)
             use_batch = self.mode in ("full_crops", "full_batch", "crops")
-            out = self.model(batch["images"].to(self.device), batch["image_sizes"].to(self.device), run_batch_decoder=use_batch)
+            out = self.model(batch["images"].to(self.device), batch["image_sizes"].to(self.device),
+                             run_batch_decoder=use_batch, masks="last")
             for b, i in enumerate(idx):
                 results[i] = self._fuse(out, b, T, samples[i], stability)
         return results

@@ -17,6 +17,8 @@ from torch import nn
 from ..ops.masked_attention import masked_cross_attention
 from .position_encoding import PositionEmbeddingSine
 
+MASK_OUTPUTS = ("all", "last", "none")  # which predictions get full-size mask logits (`ImageDecoder.decode`)
+
 
 def _xavier_reset(module: nn.Module) -> None:
     """xavier_uniform on every parameter with dim > 1, as each of the original's layers does at init."""
@@ -222,32 +224,38 @@ class ImageDecoder(nn.Module):
         src = self.input_proj[level](x).flatten(2) + self.level_embed.weight[level][None, :, None]
         return src.transpose(1, 2)
 
-    def prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor, attn_size):
+    def prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor | None, attn_size=None,
+                         attn_features: torch.Tensor | None = None):
         """Class logits, mask logits and the next layer's attention-mask logits.
 
         Args:
             output: B x Q x C query features (before `decoder_norm`).
             mask_features: B x mask_dim x H x W (one view per sample) or B x T x mask_dim x H x W
-                (batch decoder: the sample's T views).
-            attn_size: (h, w) of the level the next layer attends to.
+                (batch decoder: the sample's T views); None: no full-size mask logits.
+            attn_size: (h, w) of the level the next layer attends to; None: no attention mask.
+            attn_features: the mask features already resized to `attn_size` (same layout): the
+                attention-mask logits come from them (see `decode(masks="last")`) instead of from
+                resizing the full-size mask logits.
         Returns:
-            class logits B x Q x (num_classes+1); mask logits B x Q x H x W (or B x Q x T x H x W);
-            attention-mask logits B x Q x (h*w) (or B x Q x (T*h*w), view-major), detached.
+            class logits B x Q x (num_classes+1); mask logits B x Q x H x W (or B x Q x T x H x W) or
+            None; attention-mask logits B x Q x (h*w) (or B x Q x (T*h*w), view-major), detached, or None.
         """
         decoder_output = self.decoder_norm(output)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
-        if mask_features.dim() == 4:
-            outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        outputs_mask = None if mask_features is None else _mask_logits(mask_embed, mask_features)
+        B, Q = mask_embed.shape[:2]
+        if attn_size is None:
+            attn = None
+        elif attn_features is not None:
+            attn = _mask_logits(mask_embed.detach(), attn_features)
         else:
-            outputs_mask = torch.einsum("bqc,btchw->bqthw", mask_embed, mask_features)
-        B, Q = outputs_mask.shape[:2]
-        # Each (query, view) map is resized on its own: B x Q(*T) x H x W -> B x Q(*T) x h x w.
-        attn = F.interpolate(outputs_mask.detach().flatten(1, -3), size=tuple(attn_size), mode="bilinear",
-                             align_corners=False)
-        return outputs_class, outputs_mask, attn.reshape(B, Q, -1)
+            # Each (query, view) map is resized on its own: B x Q(*T) x H x W -> B x Q(*T) x h x w.
+            attn = F.interpolate(outputs_mask.detach().flatten(1, -3), size=tuple(attn_size), mode="bilinear",
+                                 align_corners=False)
+        return outputs_class, outputs_mask, None if attn is None else attn.reshape(B, Q, -1)
 
-    def decode(self, queries, memories, positions, sizes, mask_features):
+    def decode(self, queries, memories, positions, sizes, mask_features, masks: str = "all"):
         """The decoding loop shared by the image and the batch decoder.
 
         Args:
@@ -256,34 +264,55 @@ class ImageDecoder(nn.Module):
             positions: 3 tensors broadcastable to B x K_l x C (key positional encodings).
             sizes: 3 (h, w), the sizes that K_l flattens (K_l = h*w, or T*h*w for the batch decoder).
             mask_features: B x mask_dim x H x W, or B x T x mask_dim x H x W.
+            masks: which predictions get full-size mask logits: "all" (training: every prediction is
+                supervised), "last" (inference: only the final one; the others carry None) or "none".
+                With "last"/"none" the attention masks are computed from the mask features resized to
+                each level: bilinear resizing is linear per channel and a mask logit is a per-pixel dot
+                product, so the two orders give the same logits up to rounding, for 1/4 to 1/64 of the
+                work and without the Q x H x W maps of every layer.
         Returns:
-            (predictions, output): a list of num_layers + 1 (class logits, mask logits) pairs, and the
-            final B x Q x C query features before `decoder_norm`.
+            (predictions, output): a list of num_layers + 1 (class logits, mask logits or None) pairs,
+            and the final B x Q x C query features before `decoder_norm`.
         """
+        if masks not in MASK_OUTPUTS:
+            raise ValueError(f"masks must be one of {MASK_OUTPUTS}, got {masks!r}")
+        levels = self.num_feature_levels
+        # The level the layer after each prediction attends to; None after the last one.
+        next_sizes = [tuple(sizes[i % levels]) for i in range(self.num_layers)] + [None]
+        small = [None] * levels
+        if masks != "all":
+            small = [_resize_features(mask_features, tuple(sizes[level])) for level in range(levels)]
         query_pos = self.query_embed.weight  # Q x C, broadcast over the batch
         output = queries
-        logits, masks, attn = self.prediction_heads(output, mask_features, sizes[0])
-        predictions = [(logits, masks)]
-        for i in range(self.num_layers):
-            level = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](
-                output, memories[level], mask_logits=attn, pos=positions[level], query_pos=query_pos,
-                backend=self.attn_backend,
-            )
-            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
-            output = self.transformer_ffn_layers[i](output)
-            logits, masks, attn = self.prediction_heads(
-                output, mask_features, sizes[(i + 1) % self.num_feature_levels]
-            )
-            predictions.append((logits, masks))
+        predictions = []
+        for i in range(self.num_layers + 1):
+            if i > 0:
+                level = (i - 1) % levels
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output, memories[level], mask_logits=attn, pos=positions[level], query_pos=query_pos,
+                    backend=self.attn_backend,
+                )
+                output = self.transformer_self_attention_layers[i - 1](output, query_pos=query_pos)
+                output = self.transformer_ffn_layers[i - 1](output)
+            full = masks == "all" or (masks == "last" and i == self.num_layers)
+            if masks == "all":
+                # The original's order (resize the full-size logits), kept where every mask is made anyway.
+                logits, full_masks, attn = self.prediction_heads(output, mask_features, next_sizes[i])
+            else:
+                logits, full_masks, attn = self.prediction_heads(
+                    output, mask_features if full else None, next_sizes[i],
+                    None if next_sizes[i] is None else small[i % levels],
+                )
+            predictions.append((logits, full_masks))
         return predictions, output
 
-    def forward(self, multi_scale_features, mask_features):
+    def forward(self, multi_scale_features, mask_features, masks: str = "all"):
         """Decode every view independently.
 
         Args:
             multi_scale_features: 3 tensors N x C_in x h_l x w_l (strides 32, 16, 8).
             mask_features: N x mask_dim x H x W.
+            masks: "all", "last" or "none": which predictions get full-size mask logits (`decode`).
         Returns:
             dict with pred_logits N x Q x (num_classes+1) and pred_masks N x Q x H x W (final
             prediction), aux_outputs (predictions 0 .. num_layers-1 as dicts), and query_features
@@ -299,8 +328,23 @@ class ImageDecoder(nn.Module):
             # The encoding is the same for every view (no padding mask): 1 x (h*w) x C.
             positions.append(self.pe_layer(x[:1]).flatten(2).transpose(1, 2).to(x.dtype))
         queries = self.query_feat.weight.unsqueeze(0).expand(N, -1, -1)
-        predictions, output = self.decode(queries, memories, positions, sizes, mask_features)
+        predictions, output = self.decode(queries, memories, positions, sizes, mask_features, masks)
         return make_output(predictions, query_features=output)
+
+
+def _mask_logits(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    """B x Q x C embeddings . B x C x H x W (or B x T x C x H x W) features -> B x Q x H x W (B x Q x T x H x W)."""
+    if mask_features.dim() == 4:
+        return torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+    return torch.einsum("bqc,btchw->bqthw", mask_embed, mask_features)
+
+
+def _resize_features(mask_features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask features (4-D or 5-D, detached) resized as `prediction_heads` resizes mask logits."""
+    x = mask_features.detach()
+    flat = x.flatten(0, -4)
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return out.reshape(*x.shape[:-2], *size)
 
 
 def make_output(predictions, **extra) -> dict:

@@ -56,8 +56,10 @@ def ms_deform_attn_ref(value, spatial_shapes, level_start_index, sampling_locati
     grids = 2 * sampling_locations - 1
     sampled = []
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        # B x h*w x H x D -> B*H x D x h x w
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * H, D, int(h), int(w))
+        # B x h*w x H x D -> B*H x D x h x w. contiguous(): for B = 1 the reshape is a channels-last
+        # view, and torch's CPU grid_sample in bf16/fp16 reads wrong values (NaN) from such input at
+        # larger maps (torch 2.14.1, docs/NOTES.md); a copy costs nothing next to the sampling.
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * H, D, int(h), int(w)).contiguous()
         # B x Q x H x P x 2 -> B*H x Q x P x 2
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # B*H x D x Q x P

@@ -81,7 +81,8 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     maps: K x C x h x w float; points: K x P x 2 (same dtype). Returns K x C x P (differentiable).
     """
     grid = 2.0 * points[:, :, None] - 1.0  # K x P x 1 x 2
-    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+    # contiguous(): torch's CPU grid_sample in bf16/fp16 misreads channels-last input (see ms_deform_attn_ref).
+    return F.grid_sample(maps.contiguous(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
 
 
 def sample_compact(masks: torch.Tensor, points: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None):

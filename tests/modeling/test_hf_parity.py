@@ -138,12 +138,19 @@ def test_matches_hf_mask2former(height, width, batch):
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (batch, 1, 3, height, width), dtype=torch.uint8, generator=gen)
 
-    captured = {}
-    ours.image_encoder.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
-    ours.image_encoder.register_forward_hook(lambda m, args, out: captured.__setitem__("features", out))
-    ours.pixel_decoder.register_forward_hook(lambda m, args, out: captured.__setitem__("pixel", out))
+    # Lists: on CPU without autograd the backbone and pixel decoder run once per view (`CropFormer.encode`).
+    calls = {"x": [], "features": [], "pixel": []}
+    ours.image_encoder.register_forward_pre_hook(lambda m, args: calls["x"].append(args[0]))
+    ours.image_encoder.register_forward_hook(lambda m, args, out: calls["features"].append(out))
+    ours.pixel_decoder.register_forward_hook(lambda m, args, out: calls["pixel"].append(out))
     with torch.no_grad():
         out = ours(images)["image"]
+        captured = {
+            "x": torch.cat(calls["x"]),
+            "features": {k: torch.cat([f[k] for f in calls["features"]]) for k in calls["features"][0]},
+            "pixel": (torch.cat([p[0] for p in calls["pixel"]]),
+                      [torch.cat(level) for level in zip(*(p[1] for p in calls["pixel"]))]),
+        }
         x = captured["x"]
         assert x.shape[-2:] == (-(-height // 32) * 32, -(-width // 32) * 32)
         ref = hf(pixel_values=x, output_hidden_states=True, output_auxiliary_logits=True)

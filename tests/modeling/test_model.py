@@ -89,8 +89,11 @@ def test_golden_training_forward():
     assert_close(_stack_predictions(bat, "pred_masks"), ref["train.decoder_3d.pred_masks"], atol=1e-4, rtol=1e-4, name="3d masks")
 
 
-def test_golden_inference_forward():
-    """The original's five-view inference forward (full image + 4 corner crops), to 1e-4."""
+@pytest.mark.parametrize("masks", ["all", "last"])
+def test_golden_inference_forward(masks):
+    """The original's five-view inference forward (full image + 4 corner crops), to 1e-4; with
+    masks="last" (what `Segmenter` runs: attention masks from resized features, no intermediate
+    full-size masks) the same final outputs."""
     model = _golden_model()
     inp = load_reference("golden_tiny", "inputs.pt")
     ref = load_reference("golden_tiny", "outputs.pt")
@@ -99,12 +102,57 @@ def test_golden_inference_forward():
     images[0, 1:, :, :, :223] = inp["infer.image_crop"]
     sizes = ref["infer.image_sizes"].view(1, 5, 2)
     with torch.no_grad():
-        out = model(images, sizes)
+        out = model(images, sizes, masks=masks)
     assert_close(_stack_predictions(out["image"], "pred_logits"), ref["infer.decoder_2d.pred_logits"], atol=1e-4, rtol=1e-4, name="2d logits")
-    assert_close(_stack_predictions(out["image"], "pred_masks"), ref["infer.decoder_2d.pred_masks"], atol=1e-4, rtol=1e-4, name="2d masks")
+    if masks == "all":
+        assert_close(_stack_predictions(out["image"], "pred_masks"), ref["infer.decoder_2d.pred_masks"], atol=1e-4, rtol=1e-4, name="2d masks")
+    else:  # the image decoder's masks are not the output when the batch decoder runs
+        assert out["image"]["pred_masks"] is None
+        assert all(a["pred_masks"] is None for level in ("image", "batch") for a in out[level]["aux_outputs"])
     assert_close(out["association"].transpose(0, 1), ref["infer.make_3d_output"], atol=1e-4, rtol=1e-4, name="association")
     assert_close(_stack_predictions(out["batch"], "pred_logits"), ref["infer.decoder_3d.pred_logits"], atol=1e-4, rtol=1e-4, name="3d logits")
     assert_close(out["batch"]["pred_masks"], ref["infer.decoder_3d.pred_masks_last"], atol=1e-4, rtol=1e-4, name="3d masks")
+
+
+@pytest.mark.parametrize("batch_decoder", [False, True])
+def test_masks_last_matches_all(batch_decoder):
+    """masks="last" gives the final outputs of masks="all" on a random model, odd sizes, B = 2, fp32 to
+    1e-5 and float64 to 1e-12 (the attention masks come from resized features: the same logits in
+    another order)."""
+    torch.manual_seed(1)
+    model = build_model(load_config("tiny").model).eval()
+    images = torch.randint(0, 256, (2, 3, 3, 97, 131), dtype=torch.uint8)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = model.to(dtype)
+        with torch.no_grad():
+            ref = model(images, run_batch_decoder=batch_decoder)
+            out = model(images, run_batch_decoder=batch_decoder, masks="last")
+        level = "batch" if batch_decoder else "image"
+        for key in ("pred_logits", "pred_masks"):
+            assert_close(out[level][key], ref[level][key], atol=tol, rtol=tol, name=f"{level} {key} {dtype}")
+        assert_close(_stack_predictions(out["image"], "pred_logits"), _stack_predictions(ref["image"], "pred_logits"),
+                     atol=tol, rtol=tol, name=f"image decoder logits {dtype}")
+        assert all(a["pred_masks"] is None for a in out[level]["aux_outputs"])
+    with pytest.raises(ValueError, match="masks must be"):
+        model(images, masks="final")
+
+
+def test_cpu_inference_encodes_view_by_view():
+    """On CPU without autograd the backbone and pixel decoder run once per view (faster: cache), with the
+    batched outputs; with autograd (training) the views stay one batch."""
+    torch.manual_seed(2)
+    model = build_model(load_config("tiny").model).eval()
+    calls = []
+    model.image_encoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    x = model.preprocess(torch.randint(0, 256, (1, 3, 3, 96, 130), dtype=torch.uint8))
+    batched = model.encode(x)
+    assert calls == [3]
+    with torch.no_grad():
+        per_view = model.encode(x)
+    assert calls == [3, 1, 1, 1]
+    assert_close(per_view[0], batched[0].detach(), atol=1e-5, rtol=1e-5, name="mask features")
+    for i, (a, b) in enumerate(zip(per_view[1], batched[1])):
+        assert_close(a, b.detach(), atol=1e-5, rtol=1e-5, name=f"level {i}")
 
 
 @pytest.mark.parametrize("T", [2, 5])

@@ -647,3 +647,15 @@ def test_triton_on_a_second_gpu_matches_reference():
     for a, e in zip(*results):
         assert a.device == dev
         assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_point_sample_channels_last_low_precision(dtype):
+    """`point_sample` of channels-last maps in bf16/fp16 equals that of the same maps contiguous (torch's
+    CPU grid_sample misreads the channels-last layout in 16-bit at larger maps, torch 2.14.1)."""
+    g = torch.Generator().manual_seed(4)
+    maps = torch.randn(8, 36, 36, 32, generator=g).permute(0, 3, 1, 2).to(dtype)  # channels-last view
+    points = torch.rand(8, 185, 2, generator=g).mul(1.2).sub(0.1).to(dtype)
+    got = pm.point_sample(maps, points)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, pm.point_sample(maps.contiguous(), points))
