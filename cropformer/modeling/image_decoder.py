@@ -283,7 +283,7 @@ class ImageDecoder(nn.Module):
         if masks != "all":
             small = [_resize_features(mask_features, tuple(sizes[level])) for level in range(levels)]
         query_pos = self.query_embed.weight  # Q x C, broadcast over the batch
-        output = queries
+        output, attn = queries, None
         predictions = []
         for i in range(self.num_layers + 1):
             if i > 0:
