@@ -1,6 +1,6 @@
 """Benchmark of the fused multi-view paste (`pytest -m bench`): CropFormer test-time views (full image +
 4 corner crops, shortest side 800 / max 1333, padded to a multiple of 32), Q = 100 queries whose mask
-logits are elliptic blobs seen consistently by every view (`tests.ops.test_paste.blob_inputs`), outputs
+logits are elliptic blobs seen consistently by every view (`tests.paste_inputs.blob_inputs`), outputs
 of 1333 x 1000, 4000 x 3000 and 12000 x 9000 (W x H).
 
 - ``ours``: `paste_entities` with the compiled kernel (CPU: C++ OpenMP; GPU: CUDA).
@@ -120,7 +120,7 @@ def peak_rss() -> int:
 def run_one(method: str, size: str, device: str) -> dict:
     """Body of one subprocess: build the inputs, time `method`, report peak memory."""
     from cropformer.ops.paste import _check_inputs, _paste_fast, paste_entities
-    from tests.ops.test_paste import blob_inputs
+    from tests.paste_inputs import blob_inputs
 
     H, W = SIZES[size]
     logits, sizes, boxes, scores = blob_inputs(V, Q, H, W, short=800)

@@ -37,6 +37,7 @@ from cropformer.ops.paste import (
     paste_entities_ref,
 )
 from tests.conftest import REPO, assert_close, cuda_or_skip, spy_device_guard, triton_device_or_skip
+from tests.paste_inputs import blob_inputs, corner_views
 
 NEAR = 1e-5  # fused probabilities this close to the threshold may legitimately flip
 
@@ -48,13 +49,6 @@ def compiled_or_skip():
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs.
-
-
-def corner_views(H: int, W: int, V: int, ratio: float = 0.7):
-    """Full view + up to 4 corner crops (x0, y0, x1, y1), as the CropFormer test-time views."""
-    cw, ch = int(ratio * W), int(ratio * H)
-    crops = [[0, 0, cw, ch], [W - cw, 0, W, ch], [0, H - ch, cw, H], [W - cw, H - ch, W, H]]
-    return [[0, 0, W, H]] + crops[: V - 1]
 
 
 def random_inputs(V, Q, H, W, h=11, w=13, seed=0, boxes=None):
@@ -265,32 +259,6 @@ def test_pruning_skips_most_pairs_on_blob_masks():
     assert evaluated < 0.1 * H * W * Q, f"evaluated {evaluated / (H * W * Q):.3f} of the pairs"
 
 
-def blob_inputs(V, Q, H, W, seed=0, short=200):
-    """Logits of elliptic blobs in output coordinates, seen consistently by each view (the maps a
-    trained model produces: strongly negative away from each entity). Views are resized to shortest
-    side `short` and padded to a multiple of 32, as the test-time views."""
-    g = torch.Generator().manual_seed(seed)
-    cx, cy = torch.rand(Q, generator=g) * W, torch.rand(Q, generator=g) * H
-    rx = (0.03 + 0.2 * torch.rand(Q, generator=g)) * W
-    ry = (0.03 + 0.2 * torch.rand(Q, generator=g)) * H
-    boxes = corner_views(H, W, V)
-    sizes = []
-    for x0, y0, x1, y1 in boxes:
-        s = short / min(y1 - y0, x1 - x0)
-        sizes.append([int((y1 - y0) * s + 0.5), int((x1 - x0) * s + 0.5)])
-    h = -(-max(s[0] for s in sizes) // 32) * 8
-    w = -(-max(s[1] for s in sizes) // 32) * 8
-    logits = torch.empty(V, Q, h, w)
-    for v, ((rows, cols), (x0, y0, x1, y1)) in enumerate(zip(sizes, boxes)):
-        yy = (torch.arange(h) * 4 + 2.0) * (y1 - y0) / rows + y0 - 0.5
-        xx = (torch.arange(w) * 4 + 2.0) * (x1 - x0) / cols + x0 - 0.5
-        d2 = ((xx[None, None] - cx[:, None, None]) / rx[:, None, None]) ** 2 + (
-            (yy[None, :, None] - cy[:, None, None]) / ry[:, None, None]
-        ) ** 2
-        logits[v] = (8 * (1 - d2)).clamp(-20, 10) + 0.5 * torch.randn(Q, h, w, generator=g)
-    return logits, sizes, boxes, torch.rand(Q, generator=g)
-
-
 # Triton under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 unless told otherwise):
 # small outputs (it is slow), still with partial tiles (37, 45 are
 # not multiples of 32), V = 1 and 5, Q = 1 and 7, and a tiled-score case.
@@ -391,7 +359,7 @@ from cropformer.ops._dispatch import jit_load
 if os.environ.get("CROPFORMER_JIT_OPS"):
     jit_load([o for o in os.environ["CROPFORMER_JIT_OPS"].split(",") if o])
 from cropformer.ops.paste import paste_entities
-from tests.ops.test_paste import blob_inputs
+from tests.paste_inputs import blob_inputs
 
 from tests.bench.test_bench_paste import _rss as rss, peak_rss, reset_peak_rss
 
