@@ -70,7 +70,8 @@ class ExportedNetwork(nn.Module):
         self.batch_decoder = batch_decoder
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(images, image_sizes, run_batch_decoder=self.batch_decoder)
+        # masks="last": the final prediction's masks only, as `Segmenter` runs (a smaller, faster graph).
+        out = self.model(images, image_sizes, run_batch_decoder=self.batch_decoder, masks="last")
         out = out["batch"] if self.batch_decoder else out["image"]
         return out["pred_logits"], out["pred_masks"]
 
