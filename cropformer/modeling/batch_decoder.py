@@ -51,7 +51,8 @@ class BatchDecoder(nn.Module):
         # Plain attribute, not a submodule: parameters stay owned (and counted) by the image decoder.
         object.__setattr__(self, "image_decoder", image_decoder)
 
-    def forward(self, multi_scale_features, mask_features, init_queries, num_views: int, masks: str = "all") -> dict:
+    def forward(self, multi_scale_features, mask_features, init_queries, num_views: int, masks: str = "all",
+                resized=None) -> dict:
         """
         Args:
             multi_scale_features: 3 tensors (B*T) x C_in x h_l x w_l, sample-major, view-minor.
@@ -60,6 +61,7 @@ class BatchDecoder(nn.Module):
             num_views: T.
             masks: "all", "last" or "none": which predictions get full-size mask logits
                 (`ImageDecoder.decode`).
+            resized: optional (B*T) x mask_dim x h_l x w_l mask features resized to the 3 levels.
         Returns:
             dict with pred_logits B x Q x (num_classes+1), pred_masks B x Q x T x H x W (final
             prediction) and aux_outputs (the earlier predictions, same shapes).
@@ -83,5 +85,7 @@ class BatchDecoder(nn.Module):
             pos = pos2d[None] + view_position_encoding(T, pos2d.shape[0], device=x.device)[:, :, None, None]
             positions.append(pos.flatten(2).transpose(1, 2).reshape(1, T * h * w, -1).to(x.dtype))
         mask_features = mask_features.unflatten(0, (B, T))  # B x T x mask_dim x H x W
-        predictions, _ = dec.decode(init_queries, memories, positions, sizes, mask_features, masks)
+        if resized is not None:
+            resized = [r.unflatten(0, (B, T)) for r in resized]
+        predictions, _ = dec.decode(init_queries, memories, positions, sizes, mask_features, masks, resized)
         return make_output(predictions)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .batch_decoder import BatchDecoder
+from .image_decoder import resize_features
 
 
 class CropFormer(nn.Module):
@@ -124,11 +125,15 @@ class CropFormer(nn.Module):
         batch = self.is_cropformer and run_batch_decoder
         if masks not in ("all", "last"):
             raise ValueError(f"masks must be 'all' or 'last', got {masks!r}")
-        image_out = self.image_decoder(multi_scale, mask_features, "none" if batch and masks == "last" else masks)
+        resized = None
+        if masks == "last":  # resized once for both decoders (the batch decoder sees the same maps per view)
+            resized = [resize_features(mask_features, tuple(f.shape[-2:])) for f in multi_scale]
+        image_out = self.image_decoder(multi_scale, mask_features, "none" if batch and masks == "last" else masks,
+                                       resized)
         out = {"image": image_out}
         if batch:
             query_features = image_out["query_features"].reshape(B, T, *image_out["query_features"].shape[1:])
             init_queries = self.association(query_features, self.image_decoder.query_embed.weight)
             out["association"] = init_queries
-            out["batch"] = self.batch_decoder(multi_scale, mask_features, init_queries, T, masks)
+            out["batch"] = self.batch_decoder(multi_scale, mask_features, init_queries, T, masks, resized)
         return out
