@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
+from .allocator import tune_cpu_allocator
 from .checkpoint import (
     CheckpointError,
     atomic_write,
@@ -169,6 +170,8 @@ def train(
     rank, world, local_rank = dist_utils.init_distributed(dev.type)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
+    else:
+        tune_cpu_allocator()  # reuse freed memory instead of page-faulting fresh pages (cropformer/allocator.py)
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,11 @@ def configure_cpu_runtime() -> None:
     the idle machine, so it is chosen only when the load average at start shows other work
     (`busy_cpu`), and logged then. A value the user set is kept (`OMP_WAIT_POLICY=PASSIVE` always,
     `ACTIVE` never); once torch is imported the runtime has read its settings, so this does nothing then.
+    Also keeps freed memory for reuse (`cropformer.allocator.tune_cpu_allocator`), at any time.
     """
+    from ..allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     try:

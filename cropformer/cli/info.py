@@ -39,6 +39,7 @@ def collect(verify: bool = False) -> dict:
     import torch
 
     from .. import __version__
+    from ..allocator import allocator_state
     from ..ops import _dispatch
 
     ext = _dispatch.compiled_extension()
@@ -63,6 +64,7 @@ def collect(verify: bool = False) -> dict:
         "extension": extension,
         "verification": {"mode": _dispatch.verify_mode(), "cache_dir": str(_dispatch.cache_dir())},
         "triton_interpret": _dispatch.triton_interpret(),
+        "cpu_allocator": allocator_state(),
         "devices": devices,
         "ops": ops,
     }
@@ -87,6 +89,7 @@ def format_text(info: dict) -> str:
         _extension_line(info["extension"]),
         f"self-verification of fast paths: {info['verification']['mode']} (CROPFORMER_VERIFY=on|off|strict), "
         f"verdicts cached in {info['verification']['cache_dir']}",
+        f"CPU allocator: {info['cpu_allocator']}",
         "devices: " + "; ".join(f"{d['device']} ({d['name']}{', ' + d['arch'] if 'arch' in d else ''})"
                                 for d in info["devices"]),
         "",
