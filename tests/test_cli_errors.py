@@ -70,7 +70,7 @@ def _train_args(files: Path, tmp_path: Path, *extra: str) -> list[str]:
 # (case, argv builder, strings the message must contain)
 TRAIN_CASES = [
     ("unknown config name", lambda f, t: ["--cfg", "no_such_config"], ["'no_such_config' not found", "tiny.json"]),
-    ("config not JSON", lambda f, t: ["--cfg", str(f / "bad.json")], [f"bad.json:2:2: invalid JSON", "delimiter"]),
+    ("config not JSON", lambda f, t: ["--cfg", str(f / "bad.json")], ["bad.json:2:2: invalid JSON", "delimiter"]),
     ("config in another syntax", lambda f, t: ["--cfg", str(f / "notes.json")], ["notes.json:1:1: invalid JSON"]),
     ("unknown --set key", lambda f, t: ["--cfg", "tiny", "--set", "solver.maxiter=3"], ["--set", "'solver.maxiter'"]),
     ("--set without =", lambda f, t: ["--cfg", "tiny", "--set", "solver.max_iter"], ["expected key=value"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .image_decoder import ImageDecoder, make_output
@@ -52,7 +53,7 @@ class BatchDecoder(nn.Module):
         object.__setattr__(self, "image_decoder", image_decoder)
 
     def forward(self, multi_scale_features, mask_features, init_queries, num_views: int, masks: str = "all",
-                resized=None) -> dict:
+                resized=None, image_kv=None) -> dict:
         """
         Args:
             multi_scale_features: 3 tensors (B*T) x C_in x h_l x w_l, sample-major, view-minor.
@@ -62,6 +63,11 @@ class BatchDecoder(nn.Module):
             masks: "all", "last" or "none": which predictions get full-size mask logits
                 (`ImageDecoder.decode`).
             resized: optional (B*T) x mask_dim x h_l x w_l mask features resized to the 3 levels.
+            image_kv: optional, the image decoder's key/value projections of each layer over the same
+                views ((B*T) x h*w x C each, `ImageDecoder.forward(kv_out=...)`). Each layer's keys here
+                are W_k (memory + 2D position + view encoding) + b_k = the image decoder's keys + W_k (view
+                encoding), and its values are the image decoder's: reusing them replaces the two largest
+                matmuls of every layer by one broadcast add (exact up to rounding).
         Returns:
             dict with pred_logits B x Q x (num_classes+1), pred_masks B x Q x T x H x W (final
             prediction) and aux_outputs (the earlier predictions, same shapes).
@@ -75,17 +81,28 @@ class BatchDecoder(nn.Module):
             raise ValueError(
                 f"mask_features has {mask_features.shape[0]} views, expected B*T = {B}*{T} (init_queries B={B})"
             )
-        memories, positions, sizes = [], [], []
-        for level, x in enumerate(multi_scale_features):
-            h, w = x.shape[-2:]
-            sizes.append((h, w))
-            src = dec.level_memory(level, x)  # (B*T) x (h*w) x C
-            memories.append(src.reshape(B, T * h * w, src.shape[-1]))  # view-major tokens
-            pos2d = dec.pe_layer(x[:1])[0]  # C x h x w, the same for every view
-            pos = pos2d[None] + view_position_encoding(T, pos2d.shape[0], device=x.device)[:, :, None, None]
-            positions.append(pos.flatten(2).transpose(1, 2).reshape(1, T * h * w, -1).to(x.dtype))
+        sizes = [tuple(x.shape[-2:]) for x in multi_scale_features]
+        view_pos = view_position_encoding(T, init_queries.shape[-1], device=init_queries.device)  # T x C
+        memories = positions = kv = None
+        if image_kv is not None:
+            kv = []
+            for i, (k, v) in enumerate(image_kv):
+                w_k = dec.transformer_cross_attention_layers[i].multihead_attn.in_proj_weight.chunk(3)[1]
+                k_view = F.linear(view_pos.to(k.dtype), w_k)  # T x C, no bias: it is in k already
+                tokens = T * k.shape[1]
+                kv.append(((k.unflatten(0, (B, T)) + k_view[None, :, None]).reshape(B, tokens, -1),
+                           v.reshape(B, tokens, -1)))  # view-major tokens, as the memories below
+        else:
+            memories, positions = [], []
+            for level, x in enumerate(multi_scale_features):
+                h, w = sizes[level]
+                src = dec.level_memory(level, x)  # (B*T) x (h*w) x C
+                memories.append(src.reshape(B, T * h * w, src.shape[-1]))  # view-major tokens
+                pos2d = dec.pe_layer(x[:1])[0]  # C x h x w, the same for every view
+                pos = pos2d[None] + view_pos[:, :, None, None]
+                positions.append(pos.flatten(2).transpose(1, 2).reshape(1, T * h * w, -1).to(x.dtype))
         mask_features = mask_features.unflatten(0, (B, T))  # B x T x mask_dim x H x W
         if resized is not None:
             resized = [r.unflatten(0, (B, T)) for r in resized]
-        predictions, _ = dec.decode(init_queries, memories, positions, sizes, mask_features, masks, resized)
+        predictions, _ = dec.decode(init_queries, memories, positions, sizes, mask_features, masks, resized, kv=kv)
         return make_output(predictions)

@@ -51,7 +51,13 @@ class CrossAttentionLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_reset(self)
 
-    def attend(self, query, key, value, mask_logits=None, backend="auto"):
+    def project_kv(self, key, value):
+        """The key and value projections: B x K x C each -> (k, v) B x K x C (heads not split)."""
+        _, w_k, w_v = self.multihead_attn.in_proj_weight.chunk(3)
+        _, b_k, b_v = self.multihead_attn.in_proj_bias.chunk(3)
+        return F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def attend(self, query, key, value, mask_logits=None, backend="auto", kv=None):
         """Multi-head attention with the module's weights.
 
         Args:
@@ -59,27 +65,27 @@ class CrossAttentionLayer(nn.Module):
             mask_logits: optional B x Q x K; key j is blocked for query i where it is < 0, rows with
                 every key blocked are fully opened (see `masked_cross_attention_ref`).
             backend: attention backend of `masked_cross_attention`.
+            kv: optional (k, v), `project_kv(key, value)` already computed; key and value are then unused.
         Returns:
             B x Q x C (after the output projection).
         """
         mha = self.multihead_attn
         heads = mha.num_heads
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        w_q = mha.in_proj_weight.chunk(3)[0]
+        b_q = mha.in_proj_bias.chunk(3)[0]
 
         def split(x):  # B x L x C -> B x H x L x D
             return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
         q = split(F.linear(query, w_q, b_q))
-        k = split(F.linear(key, w_k, b_k))
-        v = split(F.linear(value, w_v, b_v))
+        k, v = map(split, kv if kv is not None else self.project_kv(key, value))
         if mask_logits is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = masked_cross_attention(q, k, v, mask_logits, backend=backend)
         return mha.out_proj(out.transpose(1, 2).flatten(2))
 
-    def forward(self, tgt, memory, mask_logits=None, pos=None, query_pos=None, backend="auto"):
+    def forward(self, tgt, memory, mask_logits=None, pos=None, query_pos=None, backend="auto", kv=None):
         """
         Args:
             tgt: B x Q x C queries; memory: B x K x C.
@@ -87,11 +93,14 @@ class CrossAttentionLayer(nn.Module):
             pos: positional encoding added to the keys (B x K x C or broadcastable); query_pos: to the
                 queries (B x Q x C or Q x C). Values get no position.
             backend: attention backend (see `cropformer.ops.masked_cross_attention`).
+            kv: optional (k, v) = `project_kv(memory + pos, memory)`, computed by the caller (memory and
+                pos are then unused).
         Returns:
             B x Q x C.
         """
         x = self.norm(tgt) if self.normalize_before else tgt
-        tgt = tgt + self.attend(_with_pos(x, query_pos), _with_pos(memory, pos), memory, mask_logits, backend)
+        key = None if kv is not None else _with_pos(memory, pos)
+        tgt = tgt + self.attend(_with_pos(x, query_pos), key, memory, mask_logits, backend, kv)
         return tgt if self.normalize_before else self.norm(tgt)
 
 
@@ -255,7 +264,8 @@ class ImageDecoder(nn.Module):
                                  align_corners=False)
         return outputs_class, outputs_mask, None if attn is None else attn.reshape(B, Q, -1)
 
-    def decode(self, queries, memories, positions, sizes, mask_features, masks: str = "all", resized=None):
+    def decode(self, queries, memories, positions, sizes, mask_features, masks: str = "all", resized=None,
+               kv=None, kv_out: list | None = None):
         """The decoding loop shared by the image and the batch decoder.
 
         Args:
@@ -272,6 +282,9 @@ class ImageDecoder(nn.Module):
                 work and without the Q x H x W maps of every layer.
             resized: with "last"/"none", the mask features already resized to the 3 levels
                 (`resize_features`, same layout as mask_features), when the caller has them.
+            kv: optional list of num_layers (k, v), each layer's key and value projections of its level's
+                memory (`CrossAttentionLayer.project_kv`); memories and positions are then unused.
+            kv_out: a list to which each layer's (k, v) is appended (the batch decoder reuses them).
         Returns:
             (predictions, output): a list of num_layers + 1 (class logits, mask logits or None) pairs,
             and the final B x Q x C query features before `decoder_norm`.
@@ -290,10 +303,15 @@ class ImageDecoder(nn.Module):
         for i in range(self.num_layers + 1):
             if i > 0:
                 level = (i - 1) % levels
-                output = self.transformer_cross_attention_layers[i - 1](
-                    output, memories[level], mask_logits=attn, pos=positions[level], query_pos=query_pos,
-                    backend=self.attn_backend,
-                )
+                cross = self.transformer_cross_attention_layers[i - 1]
+                layer_kv = kv[i - 1] if kv is not None else None
+                if layer_kv is None and kv_out is not None:
+                    layer_kv = cross.project_kv(_with_pos(memories[level], positions[level]), memories[level])
+                if kv_out is not None:
+                    kv_out.append(layer_kv)
+                mem, pos = (None, None) if layer_kv is not None else (memories[level], positions[level])
+                output = cross(output, mem, mask_logits=attn, pos=pos, query_pos=query_pos,
+                               backend=self.attn_backend, kv=layer_kv)
                 output = self.transformer_self_attention_layers[i - 1](output, query_pos=query_pos)
                 output = self.transformer_ffn_layers[i - 1](output)
             full = masks == "all" or (masks == "last" and i == self.num_layers)
@@ -308,7 +326,8 @@ class ImageDecoder(nn.Module):
             predictions.append((logits, full_masks))
         return predictions, output
 
-    def forward(self, multi_scale_features, mask_features, masks: str = "all", resized=None):
+    def forward(self, multi_scale_features, mask_features, masks: str = "all", resized=None,
+                kv_out: list | None = None):
         """Decode every view independently.
 
         Args:
@@ -316,6 +335,7 @@ class ImageDecoder(nn.Module):
             mask_features: N x mask_dim x H x W.
             masks: "all", "last" or "none": which predictions get full-size mask logits (`decode`).
             resized: optional mask features resized to the levels (`decode`).
+            kv_out: optional list that receives each layer's key/value projections (`decode`).
         Returns:
             dict with pred_logits N x Q x (num_classes+1) and pred_masks N x Q x H x W (final
             prediction), aux_outputs (predictions 0 .. num_layers-1 as dicts), and query_features
@@ -331,7 +351,8 @@ class ImageDecoder(nn.Module):
             # The encoding is the same for every view (no padding mask): 1 x (h*w) x C.
             positions.append(self.pe_layer(x[:1]).flatten(2).transpose(1, 2).to(x.dtype))
         queries = self.query_feat.weight.unsqueeze(0).expand(N, -1, -1)
-        predictions, output = self.decode(queries, memories, positions, sizes, mask_features, masks, resized)
+        predictions, output = self.decode(queries, memories, positions, sizes, mask_features, masks, resized,
+                                          kv_out=kv_out)
         return make_output(predictions, query_features=output)
 
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cropformer.allocator import tune_cpu_allocator
 from cropformer.config import load_config
 from cropformer.inference import Segmenter, bf16_support, matmul_rate
 from cropformer.modeling.build import build_model
@@ -78,6 +79,14 @@ def stage_flops(model: torch.nn.Module, images: torch.Tensor, **kwargs) -> dict[
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _our_allocator():
+    """Every in-process measurement runs under the allocator setting that our tools, `Segmenter` and `train`
+    make (HF shares the process, so it gets it too); `test_runtime_settings_inference_idle` and the training
+    benchmark measure the setting itself, in fresh processes."""
+    tune_cpu_allocator()
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +273,16 @@ print(json.dumps({"median_s": sorted(times[3:])[len(times[3:]) // 2], "threads":
 """
 
 
+def _clean_env() -> dict:
+    """This process's environment without the OpenMP and malloc settings the benchmarks vary."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMP_", "GOMP_", "MALLOC_", "CROPFORMER_ALLOCATOR")) and k != "GLIBC_TUNABLES"}
+
+
 def _train_iteration(tmp: Path, policy: str, env: dict, busy: bool, iters: int) -> dict:
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))} | env
+        full_env = _clean_env() | env
         out = subprocess.run([sys.executable, "-c", _TRAIN, policy, str(tmp), str(iters)], env=full_env, cwd=REPO,
                              capture_output=True, text=True, timeout=1800, check=True)
     finally:
@@ -279,12 +294,14 @@ def _train_iteration(tmp: Path, policy: str, env: dict, busy: bool, iters: int) 
 
 def test_training_iteration_idle_and_busy(tmp_path):
     """The demo model's training iteration (2 images x 2 views at 256 x 320, forward + backward + step),
-    idle and with one process spinning on a core, under torch's default OpenMP settings and the ones our
+    idle and with one process spinning on a core, under torch's default OpenMP and malloc settings, with
+    the allocator tuned (`cropformer.allocator`, what `train` does on CPU) and with everything our
     command-line tools set (`cropformer.cli.configure_cpu_runtime`)."""
     iters = 8 if QUICK else 25
-    variants = {"torch default": ("plain", {}), "ours (train.py)": ("cli", {}),
-                "OMP_WAIT_POLICY=PASSIVE": ("plain", {"OMP_WAIT_POLICY": "PASSIVE"}),
-                "1 thread": ("plain", {"OMP_NUM_THREADS": "1"})}
+    system = {"CROPFORMER_ALLOCATOR": "system"}  # `train` tunes the allocator unless told not to
+    variants = {"torch default": ("plain", system), "allocator tuned": ("plain", {}), "ours (train.py)": ("cli", {}),
+                "OMP_WAIT_POLICY=PASSIVE": ("plain", {"OMP_WAIT_POLICY": "PASSIVE"} | system),
+                "1 thread": ("plain", {"OMP_NUM_THREADS": "1"} | system)}
     load0 = _load()
     results = {}
     for busy in (False, True):
@@ -306,8 +323,11 @@ def test_training_iteration_idle_and_busy(tmp_path):
 _FORWARD = """
 import json, statistics, sys, time
 from cropformer.cli import configure_cpu_runtime
+from cropformer.allocator import tune_cpu_allocator
 if sys.argv[1] == "cli":
     configure_cpu_runtime()
+elif sys.argv[1] == "allocator":
+    tune_cpu_allocator()
 import torch
 from cropformer.config import load_config
 from cropformer.modeling.build import build_model
@@ -315,30 +335,38 @@ H, W, reps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 model = build_model(load_config("mask2former_swin_tiny_3x").model).eval()
 x = torch.randint(0, 256, (1, 1, 3, H, W), dtype=torch.uint8)
-times = []
+import resource
+times, faults = [], []
 with torch.no_grad():
-    model(x)
+    model(x, masks="last")
     for _ in range(reps):
-        t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
-print(json.dumps({"median_s": statistics.median(times)}))
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter(); model(x, masks="last"); times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"median_s": statistics.median(times), "page_faults": statistics.median(faults)}))
 """
 
 
-def test_openmp_policy_inference_idle():
-    """What the command-line tools' passive OpenMP waiting costs an idle machine at inference: one view
-    of Swin-T, fresh processes, torch's default against `configure_cpu_runtime`, interleaved."""
-    H, W = SIZES[0]
-    load0 = _load()
-    times = {"torch default": [], "ours (infer.py)": []}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-    for _ in range(REPS):
-        for name, policy in (("torch default", "plain"), ("ours (infer.py)", "cli")):
-            out = subprocess.run([sys.executable, "-c", _FORWARD, policy, str(H), str(W), "3"], env=env, cwd=REPO,
-                                 capture_output=True, text=True, timeout=1800, check=True)
-            times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["median_s"])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rec = record("openmp_policy_inference", {"size": [H, W], "median_s": med,
-                                             "passive_cost": med["ours (infer.py)"] / med["torch default"] - 1,
-                                             "loadavg": [load0, _load()]})
-    print(f"\nSwin-T one view {H} x {W}: torch default {med['torch default']:.3f} s, ours {med['ours (infer.py)']:.3f} s "
-          f"({100 * rec['passive_cost']:+.1f}%); load {rec['loadavg']}")
+def test_runtime_settings_inference_idle():
+    """What the command-line tools' runtime settings do to inference on an idle machine: one view of Swin-T
+    in fresh processes, interleaved: torch's defaults, the allocator tuned (`cropformer.allocator`, what
+    `Segmenter` does on CPU) and everything `configure_cpu_runtime` sets (the allocator, and passive OpenMP
+    waiting only where the load average shows other work). Page faults per forward come with the times."""
+    variants = {"torch default": "plain", "allocator tuned": "allocator", "ours (infer.py)": "cli"}
+    for H, W in SIZES:
+        load0 = _load()
+        runs = {name: [] for name in variants}
+        for _ in range(REPS):
+            for name, policy in variants.items():
+                out = subprocess.run([sys.executable, "-c", _FORWARD, policy, str(H), str(W), "3"], env=_clean_env(),
+                                     cwd=REPO, capture_output=True, text=True, timeout=1800, check=True)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        med = {name: {"s": statistics.median(r["median_s"] for r in rs),
+                      "page_faults": statistics.median(r["page_faults"] for r in rs)} for name, rs in runs.items()}
+        base = med["torch default"]["s"]
+        rec = record("cpu_runtime_inference", {"size": [H, W], "results": med,
+                                               "speedup": {name: base / m["s"] for name, m in med.items()},
+                                               "loadavg": [load0, _load()]})
+        print(f"\nSwin-T one view {H} x {W} (load {rec['loadavg']}):")
+        for name, m in med.items():
+            print(f"  {name:16s} {m['s']:.3f} s  {rec['speedup'][name]:.2f}x  {m['page_faults']:.0f} page faults per forward")

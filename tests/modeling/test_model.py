@@ -137,6 +137,56 @@ def test_masks_last_matches_all(batch_decoder):
         model(images, masks="final")
 
 
+def test_batch_decoder_reuses_image_key_values():
+    """The batch decoder fed the image decoder's key/value projections (what CropFormer.forward does) gives
+    what it computes from the memories itself: outputs in fp32 and float64 to 1e-5 and 1e-7, B = 2, odd
+    sizes, and in training every parameter's gradient (the shared projections get both decoders' share).
+    float64 is not closer because the memory path sums the 2D and view encodings in float32 (as the
+    original) before the cast, the shared path adds the view term in the model's dtype."""
+    torch.manual_seed(4)
+    model = build_model(load_config("tiny").model)
+    images = torch.randint(0, 256, (2, 3, 3, 97, 131), dtype=torch.uint8)
+    B, T = images.shape[:2]
+    calls = []
+    for layer in model.image_decoder.transformer_cross_attention_layers:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("kv") is not None),
+                                        with_kwargs=True)
+
+    def batch_outputs(share: bool):
+        x = model.preprocess(images)
+        mask_features, levels = model.encode(x)
+        kv = [] if share else None
+        image = model.image_decoder(levels, mask_features, kv_out=kv)
+        init = model.association(image["query_features"].unflatten(0, (B, T)), model.image_decoder.query_embed.weight)
+        return model.batch_decoder(levels, mask_features, init, T, image_kv=kv)
+
+    layers = len(model.image_decoder.transformer_cross_attention_layers)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-7)):
+        model = model.to(dtype).eval()
+        with torch.no_grad():
+            calls.clear()
+            ref = batch_outputs(False)
+            assert calls == [False] * (2 * layers)
+            calls.clear()
+            out = batch_outputs(True)
+            assert calls == [True] * (2 * layers)  # the image decoder's own layers get their kv too
+        for key in ("pred_logits", "pred_masks"):
+            assert_close(out[key], ref[key], atol=tol, rtol=tol, name=f"{key} {dtype}")
+        assert_close(_stack_predictions(out, "pred_masks"), _stack_predictions(ref, "pred_masks"), atol=tol, rtol=tol,
+                     name=f"every layer's masks {dtype}")
+    model = model.double().train()
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        out = batch_outputs(share)
+        (out["pred_logits"].square().sum() + _stack_predictions(out, "pred_masks").sin().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        scale = grads[0][name].abs().max().item()  # relative to the tensor: entries cancel to near zero
+        assert_close(grads[1][name], grads[0][name], atol=1e-6 * scale, rtol=1e-6, name=f"grad {name}")
+
+
 def test_cpu_inference_encodes_view_by_view():
     """On CPU without autograd the backbone and pixel decoder run once per view (faster: cache), with the
     batched outputs; with autograd (training) the views stay one batch."""

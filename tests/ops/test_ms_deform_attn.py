@@ -327,7 +327,7 @@ def test_cuda_kernel_gradcheck():
 @pytest.mark.gpu
 def test_cuda_pixel_decoder_shape():
     """The Swin-T 1/8..1/32 levels of a 512 x 512 input, fp32 against the float64 reference."""
-    dev = cuda_kernel_or_skip()
+    cuda_kernel_or_skip()
     B, shapes, H, D, P = 1, [[64, 64], [32, 32], [16, 16]], 8, 32, 4
     S = sum(h * w for h, w in shapes)
     inputs = make_inputs(B, shapes, H, D, S, P, seed=13)
