@@ -32,13 +32,29 @@ def touch(mib):
     x = torch.empty(mib << 18)
     x.fill_(1.0)
     return x
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 del_me = touch(64); del del_me
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+f0 = faults()
 y = touch(48)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-print(json.dumps({"state": allocator_state(), "faults": faults}))
+hole = faults() - f0
+# A pass that frees more than 1 GiB at once (the five-view forward frees 1.2-1.5 GiB): a trim threshold,
+# even a 1 GiB one, hands the heap's free top back to the kernel and the next pass faults it in again.
+big = [touch(300) for _ in range(4)]
+del big
+f0 = faults()
+again = [touch(280) for _ in range(4)]
+top = faults() - f0
+del again
+from cropformer.allocator import release_cpu_memory
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+before = rss()
+released = release_cpu_memory()
+print(json.dumps({"state": allocator_state(), "faults": hole, "top_faults": top, "released": released,
+                  "rss_before_release_mib": before, "rss_after_release_mib": rss()}))
 """
 PAGES = (48 << 20) // 4096
+TOP_PAGES = (4 * 280 << 20) // 4096
 
 glibc_linux = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                  reason="the tuning applies to glibc's malloc on Linux only")
@@ -66,6 +82,10 @@ def test_tuned_allocator_reuses_freed_memory(how):
     r = _probe(how)
     assert r["state"].startswith("tuned"), r
     assert r["faults"] < PAGES // 8, f"{r['faults']} page faults touching 48 MiB after freeing 64 MiB ({PAGES} pages): memory not reused"
+    assert r["top_faults"] < TOP_PAGES // 8, (
+        f"{r['top_faults']} page faults touching 1.1 GiB after freeing 1.2 GiB ({TOP_PAGES} pages): the heap was trimmed")
+    # what the tuning keeps, `release_cpu_memory` hands back: the 4 x 280 MiB freed above
+    assert r["released"] and r["rss_before_release_mib"] - r["rss_after_release_mib"] > 900, r
 
 
 @glibc_linux
@@ -74,6 +94,7 @@ def test_opt_out_leaves_malloc_alone():
     assert r["state"] == "unchanged: CROPFORMER_ALLOCATOR=system"
     if not _thp_always():  # with 2 MiB pages a fresh mapping takes 24 faults, not 12288
         assert r["faults"] > PAGES // 2, r
+        assert r["top_faults"] > TOP_PAGES // 2, r
 
 
 @pytest.mark.parametrize("env, why", [

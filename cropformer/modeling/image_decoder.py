@@ -298,20 +298,20 @@ class ImageDecoder(nn.Module):
         if masks != "all":
             small = resized or [resize_features(mask_features, tuple(sizes[level])) for level in range(levels)]
         query_pos = self.query_embed.weight  # Q x C, broadcast over the batch
+        # Keys are memory + position, the same for the layers that share a level: added once per level
+        # (and saved once for backward), not once per layer.
+        keys = None if kv is not None else [_with_pos(m, p) for m, p in zip(memories, positions)]
         output, attn = queries, None
         predictions = []
         for i in range(self.num_layers + 1):
             if i > 0:
                 level = (i - 1) % levels
                 cross = self.transformer_cross_attention_layers[i - 1]
-                layer_kv = kv[i - 1] if kv is not None else None
-                if layer_kv is None and kv_out is not None:
-                    layer_kv = cross.project_kv(_with_pos(memories[level], positions[level]), memories[level])
+                layer_kv = kv[i - 1] if kv is not None else cross.project_kv(keys[level], memories[level])
                 if kv_out is not None:
                     kv_out.append(layer_kv)
-                mem, pos = (None, None) if layer_kv is not None else (memories[level], positions[level])
-                output = cross(output, mem, mask_logits=attn, pos=pos, query_pos=query_pos,
-                               backend=self.attn_backend, kv=layer_kv)
+                output = cross(output, None, mask_logits=attn, query_pos=query_pos, backend=self.attn_backend,
+                               kv=layer_kv)
                 output = self.transformer_self_attention_layers[i - 1](output, query_pos=query_pos)
                 output = self.transformer_ffn_layers[i - 1](output)
             full = masks == "all" or (masks == "last" and i == self.num_layers)
