@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,18 +214,51 @@ def test_bf16_without_a_gain_is_one_line(files, tmp_path, capsys, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("load,env,expected", [(5.0, {}, "PASSIVE"), (0.2, {}, "unset"),
-                                               (5.0, {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
-                                               (5.0, {"GOMP_SPINCOUNT": "1000"}, "unset")])
-def test_openmp_waits_passively_only_on_a_busy_cpu(load, env, expected):
-    """The command-line tools choose passive OpenMP waiting before torch loads when the load average
-    shows other work (it cost 17-38% idle, gained 1.8x beside a busy process), never over the user's choice."""
+@pytest.mark.parametrize("load,stat,env,expected", [
+    (0.2, 1.5, {}, "PASSIVE"),  # others busy now, a quiet minute before: /proc/stat decides
+    (5.0, 0.1, {}, "unset"),  # a stale load average from a job that just ended: not busy
+    (5.0, None, {}, "PASSIVE"), (0.2, None, {}, "unset"),  # no /proc/stat: the load average decides
+    (5.0, 1.5, {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+    (5.0, 1.5, {"GOMP_SPINCOUNT": "1000"}, "unset")])
+def test_openmp_waits_passively_only_on_a_busy_cpu(load, stat, env, expected):
+    """The command-line tools choose passive OpenMP waiting before torch loads when others use the CPU
+    now (it cost 17-38% idle, gained 1.8x beside a busy process), never over the user's choice."""
     probe = ("import os, sys\nos.getloadavg = lambda: (%r, 0.0, 0.0)\nos.sched_getaffinity = lambda pid: {0, 1}\n"
-             "from cropformer.cli import configure_cpu_runtime\nconfigure_cpu_runtime()\n"
-             "assert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY', 'unset'))") % load
+             "import cropformer.cli as cli\ncli.others_cpu_use = lambda cpus: %r\ncli.configure_cpu_runtime()\n"
+             "assert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY', 'unset'))") % (load, stat)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     res = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == expected
     assert ("OMP_WAIT_POLICY=PASSIVE" in res.stderr) == (expected == "PASSIVE" and not env)
+
+
+def test_others_cpu_use_reads_the_allowed_cpus(tmp_path, monkeypatch):
+    """Ticks of the CPUs this process may use only; busy = all but idle and iowait (steal counts)."""
+    import cropformer.cli as cli
+
+    stat = tmp_path / "stat"
+    first = "cpu  10 0 5 400 5 0 0 0 0 0\ncpu0 10 0 5 100 5 0 0 0 0 0\ncpu1 0 0 0 200 0 0 0 0 0 0\ncpu2 0 0 0 100 0 0 0 0 0 0\n"
+    # cpu0: 70 of 80 ticks busy (20 of them stolen), cpu1: 10 of 80, cpu2 (not ours): 80 of 80
+    second = ("cpu  140 0 15 480 5 0 0 20 0 0\ncpu0 50 0 15 110 5 0 0 20 0 0\ncpu1 10 0 0 270 0 0 0 0 0 0\n"
+              "cpu2 80 0 0 100 0 0 0 0 0 0\nintr 1 2 3\nctxt 5\n")
+    stat.write_text(first)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: stat.write_text(second))
+    assert cli.others_cpu_use({0, 1}, stat_path=str(stat)) == pytest.approx((70 + 10) / 160 * 2)
+    assert cli.others_cpu_use({0}, stat_path=str(tmp_path / "missing")) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_others_cpu_use_sees_a_busy_process():
+    from cropformer.cli import others_cpu_use
+
+    cpus = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        used = others_cpu_use(cpus, window_s=0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert used is not None and used >= 0.6, f"one busy-looping process measured as {used} cores"

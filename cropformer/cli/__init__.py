@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from typing import Callable, Sequence
 
 COMMANDS = {
@@ -88,9 +89,36 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def busy_cpu(load: float, cpus: int) -> bool:
-    """Whether other processes keep the CPU busy: a 1-minute load average of at least half the cores
-    (this process has not started its threads yet, so the load is others')."""
+    """Whether other processes keep the CPU busy: at least half the cores' worth of others' work."""
     return load >= 0.5 * cpus
+
+
+def _cpu_times(cpus: set[int], stat_path: str = "/proc/stat") -> tuple[int, int]:
+    """(busy, total) clock ticks since boot, summed over `cpus`; busy counts steal (the host's use)."""
+    busy = total = 0
+    with open(stat_path) as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def others_cpu_use(cpus: set[int], window_s: float = 0.2, stat_path: str = "/proc/stat") -> float | None:
+    """Cores' worth of CPU time used by others on `cpus` right now: /proc/stat sampled over `window_s`
+    while this process sleeps. None where there is no /proc/stat (macOS, Windows)."""
+    try:
+        busy0, total0 = _cpu_times(cpus, stat_path)
+        time.sleep(window_s)
+        busy1, total1 = _cpu_times(cpus, stat_path)
+    except (OSError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * len(cpus)
 
 
 def configure_cpu_runtime() -> None:
@@ -100,9 +128,12 @@ def configure_cpu_runtime() -> None:
     one of the cores, the spinning thread starves the one doing the work: a training iteration ran at 34%
     of its idle speed beside one busy process, and at 63-75% with passive waiting (threads sleep at
     barriers; docs/BENCHMARKS.md, "Training beside a busy process"). Passive waiting also cost 17-38% on
-    the idle machine, so it is chosen only when the load average at start shows other work
-    (`busy_cpu`), and logged then. A value the user set is kept (`OMP_WAIT_POLICY=PASSIVE` always,
-    `ACTIVE` never); once torch is imported the runtime has read its settings, so this does nothing then.
+    the idle machine, so it is chosen only when others use at least half the cores now (`busy_cpu`;
+    measured over 0.2 s from /proc/stat, the 1-minute load average where there is none), and logged
+    then. Not the load average on Linux: it still counts a job that finished a minute ago, and a
+    training run started right after one ran 1.5x slower than it had to (docs/BENCHMARKS.md, 2026-12-03).
+    A value the user set is kept (`OMP_WAIT_POLICY=PASSIVE` always, `ACTIVE` never); once torch is
+    imported the runtime has read its settings, so this does nothing then.
     Also keeps freed memory for reuse (`cropformer.allocator.tune_cpu_allocator`), at any time.
     """
     from ..allocator import tune_cpu_allocator
@@ -111,12 +142,18 @@ def configure_cpu_runtime() -> None:
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     try:
-        load, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
-    except (OSError, AttributeError):  # no load average (Windows) or no affinity call (macOS)
-        return
-    if busy_cpu(load, cpus):
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        cpus = set(range(os.cpu_count() or 1))
+    load, what = others_cpu_use(cpus), "other processes use {load:.1f}"
+    if load is None:
+        try:
+            load, what = os.getloadavg()[0], "load average {load:.1f}"
+        except (OSError, AttributeError):  # Windows
+            return
+    if busy_cpu(load, len(cpus)):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        print(f"note: load average {load:.1f} on {cpus} cores: OpenMP threads will wait passively "
+        print(f"note: {what.format(load=load)} of {len(cpus)} cores: OpenMP threads will wait passively "
               "(OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY=ACTIVE to override)", file=sys.stderr)
 
 
