@@ -12,8 +12,8 @@ demo training iteration 1.1x (docs/BENCHMARKS.md, "CPU allocator").
 Trimming is off, not merely raised: with a 1 GiB trim threshold the five-view (full + 4 crops) forward
 at 800 x 1088 freed 1.2-1.5 GiB at once, glibc gave it back at the end of every forward and the next one
 took 240,000-330,000 faults afresh. The cost: the process keeps the heap of its largest pass until it
-exits or calls `release_cpu_memory()` (after each five-view forward 2.8-3.0 GiB resident, where trimming
-left 1.5-1.7 GiB whenever it happened; the peak is the same). A long-lived process done with the network
+exits or calls `release_cpu_memory()` (after each five-view forward 2.75-2.89 GiB resident, where trimming
+left 1.45-1.70 GiB whenever it happened; the peak is the same). A long-lived process done with the network
 can call it.
 
 `tune_cpu_allocator` is called by every command-line tool, by `Segmenter` and by `engine.train` on CPU.
