@@ -55,6 +55,15 @@ def _user_choice() -> str | None:
     return None
 
 
+def _not_glibc() -> str | None:
+    """Why glibc's malloc is not the one in use (not Linux, another C library), or None."""
+    if platform.system() != "Linux":
+        return f"not Linux ({platform.system()})"
+    if platform.libc_ver()[0] != "glibc":
+        return "the C library is not glibc"
+    return None
+
+
 def tune_cpu_allocator() -> str:
     """Raise glibc's mmap threshold to `THRESHOLD_BYTES` and turn heap trimming off, once per process.
 
@@ -63,11 +72,7 @@ def tune_cpu_allocator() -> str:
     global _state
     if _state is not None:
         return _state
-    why = _user_choice()
-    if why is None and platform.system() != "Linux":
-        why = f"not Linux ({platform.system()})"
-    if why is None and platform.libc_ver()[0] != "glibc":
-        why = "the C library is not glibc"
+    why = _user_choice() or _not_glibc()
     if why is None:
         try:
             mallopt = ctypes.CDLL(None).mallopt
@@ -93,7 +98,7 @@ def release_cpu_memory() -> bool:
     """Give the heap's free memory back to the kernel now (glibc `malloc_trim(0)`); what the tuning keeps
     for reuse. For long-lived processes done with the network. Returns whether memory was released
     (False off glibc)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _not_glibc():
         return False
     try:
         return bool(ctypes.CDLL(None).malloc_trim(0))

@@ -145,15 +145,15 @@ def configure_cpu_runtime() -> None:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # macOS, Windows
         cpus = set(range(os.cpu_count() or 1))
-    load, what = others_cpu_use(cpus), "other processes use {load:.1f}"
+    load, what = others_cpu_use(cpus), "other processes use"
     if load is None:
         try:
-            load, what = os.getloadavg()[0], "load average {load:.1f}"
+            load, what = os.getloadavg()[0], "load average"
         except (OSError, AttributeError):  # Windows
             return
     if busy_cpu(load, len(cpus)):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        print(f"note: {what.format(load=load)} of {len(cpus)} cores: OpenMP threads will wait passively "
+        print(f"note: {what} {load:.1f} of {len(cpus)} cores: OpenMP threads will wait passively "
               "(OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY=ACTIVE to override)", file=sys.stderr)
 
 

@@ -351,7 +351,7 @@ def test_runtime_settings_inference_idle():
     """What the command-line tools' runtime settings do to inference on an idle machine: one view of Swin-T
     in fresh processes, interleaved: torch's defaults, the allocator tuned (`cropformer.allocator`, what
     `Segmenter` does on CPU) and everything `configure_cpu_runtime` sets (the allocator, and passive OpenMP
-    waiting only where the load average shows other work). Page faults per forward come with the times."""
+    waiting only where other processes use the CPU at start). Page faults per forward come with the times."""
     variants = {"torch default": "plain", "allocator tuned": "allocator", "ours (infer.py)": "cli"}
     for H, W in SIZES:
         load0 = _load()
