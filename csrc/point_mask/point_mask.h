@@ -1,4 +1,5 @@
-// Point-sampled mask costs and losses: the per-point math shared by the CPU and CUDA builds.
+// Point-sampled mask costs and losses: the bilinear sampling of the CPU kernels (the loss math
+// itself runs as ATen ops, vectorised; the Triton kernels have their own).
 //
 // Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros") on
 // grid = 2 * point - 1 in the arithmetic of ATen's vectorised CPU kernel (unnormalise with one fma,
@@ -64,27 +65,6 @@ CF_HOST_DEVICE scalar_t sample(const map_t* map, const Taps<scalar_t>& taps) {
     if (taps.w[k] != scalar_t(0)) v = fma(scalar_t(map[taps.off[k]]), taps.w[k], v);
   }
   return v;
-}
-
-// BCE with logits, stable form: max(x, 0) - x t + log(1 + exp(-|x|)).
-template <typename scalar_t>
-CF_HOST_DEVICE scalar_t bce_with_logits(scalar_t x, scalar_t t) {
-  const scalar_t ax = x < scalar_t(0) ? -x : x;
-  return (x > scalar_t(0) ? x : scalar_t(0)) - x * t + log1p(exp(-ax));
-}
-
-template <typename scalar_t>
-CF_HOST_DEVICE scalar_t sigmoid(scalar_t x) {
-  return scalar_t(1) / (scalar_t(1) + exp(-x));
-}
-
-// d(loss)/d(x) of one point of one pair, loss = g_bce * mean BCE + g_dice * dice, where
-// dice = 1 - (2A + 1) / D with A = sum(s t), D = sum(s) + sum(t) + 1 over the pair's P points.
-template <typename scalar_t, typename acc_t>
-CF_HOST_DEVICE scalar_t loss_grad(scalar_t x, scalar_t t, acc_t g_bce_over_p, acc_t g_dice, acc_t numer, acc_t denom) {
-  const acc_t s = acc_t(sigmoid(x));
-  const acc_t d_dice_ds = -(acc_t(2) * acc_t(t) * denom - numer) / (denom * denom);
-  return scalar_t(g_bce_over_p * (s - acc_t(t)) + g_dice * d_dice_ds * s * (acc_t(1) - s));
 }
 
 }  // namespace point_mask

@@ -132,6 +132,17 @@ at::Tensor sample_rows_cpu(const at::Tensor& maps, const at::Tensor& index, cons
   return out;
 }
 
+// The per-pair losses from the samples x, t (M x P), with ATen's vectorised kernels (the extension
+// is compiled for baseline x86-64, so its own loops would run exp and log1p one point at a time:
+// 60% of this op's time before): bce = mean BCE-with-logits, dice = 1 - (2 sum(s t) + 1) /
+// (sum(s) + sum(t) + 1), s = sigmoid(x), the reference's formulas term for term.
+std::vector<at::Tensor> losses_from_samples(const at::Tensor& xs, const at::Tensor& ts) {
+  const auto bce = at::binary_cross_entropy_with_logits(xs, ts, {}, {}, at::Reduction::None).mean(1);
+  const auto s = at::sigmoid(xs);
+  const auto dice = 1 - (2 * (s * ts).sum(1) + 1) / (s.sum(1) + ts.sum(1) + 1);
+  return {bce, dice};
+}
+
 // Fused forward: per pair m, x = pred[pred_index[m]] and t = gt[gt_index[m]] (zero if not
 // gt_valid[m]) at the pair's P points; returns (bce M, dice M, x M x P, t M x P).
 std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& gt, const at::Tensor& points,
@@ -152,8 +163,6 @@ std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& g
   CF_CHECK_CONTIGUOUS(gt_valid);
   TORCH_CHECK(gt_valid.scalar_type() == at::kByte && gt_valid.numel() == M,
               "point_mask_loss_fwd: gt_valid must be uint8 (", M, ")");
-  auto bce = at::empty({M}, pred.options());
-  auto dice = at::empty({M}, pred.options());
   auto xs = at::empty({M, P}, pred.options());
   auto ts = at::empty({M, P}, pred.options());
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "point_mask_loss_fwd", [&] {
@@ -164,8 +173,6 @@ std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& g
     const uint8_t* valid = gt_valid.data_ptr<uint8_t>();
     scalar_t* xo = xs.data_ptr<scalar_t>();
     scalar_t* to = ts.data_ptr<scalar_t>();
-    scalar_t* bo = bce.data_ptr<scalar_t>();
-    scalar_t* dout = dice.data_ptr<scalar_t>();
     const int64_t sK = gt.stride(0), sH = gt.stride(1), sW = gt.stride(2);
     dispatch_map(gt, "point_mask_loss_fwd", [&](auto tag) {
       using map_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
@@ -177,37 +184,30 @@ std::vector<at::Tensor> loss_fwd_cpu(const at::Tensor& pred, const at::Tensor& g
           const map_t* gmap = gbase + gidx[m] * sK;
           const bool ok = valid[m] != 0;
           row_order(pts + m * P * 2, P, H, order, count);
-          double bce_sum = 0, st = 0, s_sum = 0, t_sum = 0;
           for (int64_t i = 0; i < P; ++i) {
             const int64_t p = order[i];
             const scalar_t px = pts[(m * P + p) * 2], py = pts[(m * P + p) * 2 + 1];
             Taps<scalar_t> taps;
             bilinear_taps<scalar_t>(px, py, h, w, w, 1, taps);
-            const scalar_t x = sample<scalar_t, scalar_t>(pmap, taps);
+            xo[m * P + p] = sample<scalar_t, scalar_t>(pmap, taps);
             scalar_t t = scalar_t(0);
             if (ok) {
               bilinear_taps<scalar_t>(px, py, H, W, sH, sW, taps);
               t = sample<scalar_t, map_t>(gmap, taps);
             }
-            const scalar_t s = sigmoid(x);
-            bce_sum += bce_with_logits(x, t);
-            st += double(s) * double(t);
-            s_sum += s;
-            t_sum += t;
-            xo[m * P + p] = x;
             to[m * P + p] = t;
           }
-          bo[m] = scalar_t(bce_sum / double(P));
-          dout[m] = scalar_t(1.0 - (2.0 * st + 1.0) / (s_sum + t_sum + 1.0));
         }
       });
     });
   });
-  return {bce, dice, xs, ts};
+  auto losses = losses_from_samples(xs, ts);
+  return {losses[0], losses[1], xs, ts};
 }
 
-// Backward of loss_fwd w.r.t. pred: scatters each point's gradient into its 4 neighbours of row
-// pred_index[m]. Pairs sharing a row are handled by one thread, so no two threads write one row.
+// Backward of loss_fwd w.r.t. pred: the gradient at every sample (ATen, vectorised), then each
+// point's gradient scattered into its 4 neighbours of row pred_index[m]. Pairs sharing a row are
+// handled by one thread, so no two threads write one row.
 at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice, const at::Tensor& points,
                         const at::Tensor& pred_index, const at::Tensor& xs, const at::Tensor& ts,
                         at::IntArrayRef pred_shape) {
@@ -221,6 +221,16 @@ at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice,
     CF_CHECK_CONTIGUOUS(*t);
     TORCH_CHECK(t->scalar_type() == points.scalar_type(), "point_mask_loss_bwd: all inputs must share one dtype");
   }
+  TORCH_CHECK(xs.dim() == 2 && xs.size(0) == M && xs.size(1) == P && ts.sizes() == xs.sizes(),
+              "point_mask_loss_bwd: x and t must be M x P = ", M, " x ", P);
+  // d/dx of g_bce * mean BCE + g_dice * dice, dice = 1 - numer / denom:
+  //   g_bce / P * (s - t) - g_dice * (2 t denom - numer) / denom^2 * s (1 - s)
+  const auto s = at::sigmoid(xs);
+  const auto numer = (2 * (s * ts).sum(1, true) + 1);
+  const auto denom = (s.sum(1, true) + ts.sum(1, true) + 1);
+  const auto d_dice_ds = (numer - 2 * ts * denom) / (denom * denom);
+  const auto gx = ((grad_bce.view({M, 1}) / double(P)) * (s - ts) + grad_dice.view({M, 1}) * d_dice_ds * s * (1 - s))
+                      .contiguous();
   auto grad = at::zeros({K, h, w}, xs.options());
   // group the pairs by prediction row (stable: pairs of a row keep their order)
   const int64_t* pidx = pred_index.data_ptr<int64_t>();
@@ -235,36 +245,22 @@ at::Tensor loss_bwd_cpu(const at::Tensor& grad_bce, const at::Tensor& grad_dice,
   const int64_t groups = (int64_t)starts.size() - 1;
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "point_mask_loss_bwd", [&] {
     const scalar_t* pts = points.data_ptr<scalar_t>();
-    const scalar_t* x = xs.data_ptr<scalar_t>();
-    const scalar_t* t = ts.data_ptr<scalar_t>();
-    const scalar_t* gb = grad_bce.data_ptr<scalar_t>();
-    const scalar_t* gd = grad_dice.data_ptr<scalar_t>();
+    const scalar_t* g_at = gx.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> order, count;
       for (int64_t grp = begin; grp < end; ++grp) {
         for (int64_t j = starts[grp]; j < starts[grp + 1]; ++j) {
           const int64_t m = pairs[j];
-          const scalar_t* xm = x + m * P;
-          const scalar_t* tm = t + m * P;
-          double st = 0, s_sum = 0, t_sum = 0;
-          for (int64_t p = 0; p < P; ++p) {
-            const double s = sigmoid(xm[p]);
-            st += s * double(tm[p]);
-            s_sum += s;
-            t_sum += tm[p];
-          }
-          const double numer = 2.0 * st + 1.0, denom = s_sum + t_sum + 1.0;
-          const double g_bce = double(gb[m]) / double(P), g_dice = double(gd[m]);
           scalar_t* gmap = g + pidx[m] * h * w;
           row_order(pts + m * P * 2, P, h, order, count);
           for (int64_t i = 0; i < P; ++i) {
             const int64_t p = order[i];
-            const scalar_t gx = loss_grad<scalar_t, double>(xm[p], tm[p], g_bce, g_dice, numer, denom);
+            const scalar_t gp = g_at[m * P + p];
             Taps<scalar_t> taps;
             bilinear_taps<scalar_t>(pts[(m * P + p) * 2], pts[(m * P + p) * 2 + 1], h, w, w, 1, taps);
             for (int k = 0; k < 4; ++k) {
-              if (taps.w[k] != scalar_t(0)) gmap[taps.off[k]] += gx * taps.w[k];
+              if (taps.w[k] != scalar_t(0)) gmap[taps.off[k]] += gp * taps.w[k];
             }
           }
         }

@@ -140,6 +140,8 @@ COST_SHAPES = [
     (13, 3, 2, 6, 5, 23, 19, 67),
     (4, 1, 3, 8, 8, 32, 32, 13),
     (5, 0, 1, 7, 9, 28, 36, 31),
+    # gt maps over 1 MB (training masks at full input size): beyond the caches
+    (3, 2, 1, 9, 11, 1031, 1049, 97),
 ]
 
 
@@ -209,6 +211,8 @@ LOSS_SHAPES = [
     (6, 11, 9, 9, 11, 37, 43, 53),
     (1, 1, 1, 6, 5, 23, 19, 29),
     (0, 3, 2, 5, 5, 20, 20, 17),
+    # prediction (fp32 and fp64) and gt maps over 1 MB: beyond the caches
+    (3, 4, 3, 523, 531, 1031, 1049, 211),
 ]
 
 
@@ -292,6 +296,11 @@ def test_uncertain_points_match_detectron2(backend):
             assert (got != exp).any(-1).float().mean() < 0.02
         else:
             assert torch.equal(got, exp)
+    # logit maps over 1 MB: the same points
+    big = torch.randn(2, 521, 533, generator=g) * 3
+    exp = ref_uncertain_points(big, 61, 3.0, 0.75, torch.Generator().manual_seed(3))
+    got = pm.sample_uncertain_points(big, 61, 3.0, 0.75, torch.Generator().manual_seed(3), backend=backend)
+    assert (got != exp).any(-1).float().mean() < 0.02 if backend == "triton" else torch.equal(got, exp)
     # rows picked by an index sample the same as the gathered rows
     idx = torch.tensor([4, 4, 0])
     a = pm.sample_uncertain_points(logits, 50, 3.0, 0.75, torch.Generator().manual_seed(2), index=idx, backend=backend)
