@@ -23,7 +23,10 @@ full view's box is (0, 0, W, H). With flip, the footprint in the unflipped file 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -242,6 +245,18 @@ def render_image(image: np.ndarray, view: View, plan: ViewPlan, reduction: int =
     return resize_bilinear(np.ascontiguousarray(sub), view.size, box)
 
 
+# Inference renders the views of a large photo in threads (PIL's resize releases the GIL): 0.29-0.31 s
+# of five views of a 3000 x 4000 photo on one thread, the largest cost outside the network. Small images
+# and training samples (rendered beside the training step or in loader workers) stay on one thread.
+PARALLEL_RENDER_PIXELS = 4_000_000
+
+
+@lru_cache(maxsize=1)
+def _render_pool() -> ThreadPoolExecutor:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(max_workers=max(1, min(cpus, 5)), thread_name_prefix="cropformer-views")
+
+
 class MaskSource(Protocol):
     """n entity masks of an H x W image that can be sampled on a grid."""
 
@@ -319,9 +334,12 @@ def build_sample(
         image, reduction = decoded, 1
         if image.shape[:2] != (plan.height, plan.width):
             raise ValueError(f"plan is for {plan.height} x {plan.width}, image is {image.shape[:2]}")
+    def render(view: View) -> torch.Tensor:
+        return torch.from_numpy(render_image(image, view, plan, reduction)).permute(2, 0, 1).contiguous()
+
+    parallel = masks is None and len(plan.views) > 1 and image.shape[0] * image.shape[1] >= PARALLEL_RENDER_PIXELS
     sample = {
-        "images": [torch.from_numpy(render_image(image, v, plan, reduction)).permute(2, 0, 1).contiguous()
-                   for v in plan.views],
+        "images": list(_render_pool().map(render, plan.views)) if parallel else [render(v) for v in plan.views],
         "image_sizes": plan.image_sizes(),
         "crop_boxes": plan.crop_boxes(),
         "orig_size": torch.tensor([plan.height, plan.width], dtype=torch.int64),

@@ -215,6 +215,29 @@ def test_views_match_original_path_on_synthetic(h, w, short, flip):
         np.testing.assert_array_equal(s["valid"][:, t].numpy(), ref.reshape(len(ref), -1).any(1))
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_inference_views_rendered_in_threads_equal_the_serial_ones(monkeypatch, flip):
+    """Large photos render their inference views in a thread pool: the same views, in order."""
+    import cropformer.data.views as views
+
+    rng = np.random.default_rng(3)
+    image, _ = make_synthetic_image(rng, 403, 611)
+    plan = plan_views(403, 611, short_side=200, max_size=1333, corners=[0, 1, 2, 3], flip=flip)
+    monkeypatch.setattr(views, "PARALLEL_RENDER_PIXELS", 0)
+    calls = []
+    pool = views._render_pool()
+    real_map = pool.map
+    monkeypatch.setattr(pool, "map", lambda fn, items: calls.append(1) or real_map(fn, items))
+    threaded = build_sample(image, plan)["images"]
+    assert calls, "the pool was not used"
+    monkeypatch.setattr(views, "PARALLEL_RENDER_PIXELS", 10**12)
+    serial = build_sample(image, plan)["images"]
+    assert len(threaded) == len(serial) == 5
+    for t, view in enumerate(plan.views):
+        assert torch.equal(threaded[t], serial[t])
+        np.testing.assert_array_equal(serial[t].permute(1, 2, 0).numpy(), reference_view_image(image, plan, view))
+
+
 def test_flip_crop_box_is_in_flipped_frame():
     rng = np.random.default_rng(3)
     image = rng.integers(0, 255, (61, 83, 3), dtype=np.uint8)
