@@ -21,8 +21,10 @@ Resume: an image is skipped when its three outputs exist and its JSON records th
 (path, size, modification time). One image failing (decode, segment, write; stage and reason in
 failures.json) never stops the batch; the exit status is 1 when any image failed or none was found.
 Throughput: --workers threads (default 2) decode the next images and write the last ones' outputs while
-the network runs; --batch-size N runs N images per network call (worth it on a GPU). --workers 0 is the
-plain one-at-a-time loop; both give the same files. Memory stays bounded on any image size: JPEGs are
+the network runs; --batch-size N runs N images per network call (worth it on a GPU; the same entities,
+scores may differ in the last bits of fp32). --workers 0 is the plain one-at-a-time loop; both give the
+same files. On a 2-core CPU the three run at the same images/s (file work is 1-10% of the time there;
+tests/bench/test_bench_infer_throughput.py). Memory stays bounded on any image size: JPEGs are
 decoded at reduced resolution when the network needs fewer pixels, and the fused paste never holds
 per-query full-resolution maps.
 """

@@ -28,6 +28,11 @@ def record(op: str, rec: dict) -> dict:
     return rec
 
 
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: every CPU record carries them at its start and end."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def cpu_peak_bytes(fn) -> int:
     """Peak bytes held by tensors allocated while `fn()` runs on CPU, from the profiler's allocator
     events ("Total Allocated" is c10's running total; the first event gives the level before)."""

@@ -33,7 +33,7 @@ from cropformer.config import load_config
 from cropformer.inference import Segmenter, bf16_support, matmul_rate
 from cropformer.modeling.build import build_model
 from cropformer.ops.rle import id_map_to_rle
-from tests.bench.common import record
+from tests.bench.common import loadavg, record
 from tests.conftest import REPO
 from tests.paste_inputs import blob_logits, random_blobs
 
@@ -44,10 +44,6 @@ REPS = int(os.environ.get("CROPFORMER_BENCH_REPS", "1" if QUICK else "3"))
 SIZES = [(128, 160), (160, 224)] if QUICK else [(512, 512), (800, 1088)]
 STAGES = ("backbone", "pixel decoder", "transformer decoder")
 CONFIDENT_MASKS = float(os.environ.get("CROPFORMER_BENCH_MASK_SCALE", "20"))  # 1: the raw random model
-
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 class StageTimer:
@@ -131,7 +127,7 @@ def test_end_to_end_vs_huggingface(same_weights):
     print(f"\nthreads {torch.get_num_threads()}, matmul {rates['fp32']:.0f} GFLOP/s fp32, {rates['bf16']:.0f} bf16; "
           f"bf16 fast mode: {why}")
     for H, W in SIZES:
-        load0 = _load()
+        load0 = loadavg()
         images = torch.randint(0, 256, (1, 1, 3, H, W), generator=torch.Generator().manual_seed(H), dtype=torch.uint8)
         flops = stage_flops(ours, images)
         flops_last = stage_flops(ours, images, masks="last")
@@ -163,7 +159,7 @@ def test_end_to_end_vs_huggingface(same_weights):
         rec = record("end_to_end_vs_hf", {"size": [H, W], "threads": torch.get_num_threads(), "reps": REPS,
                                           "gflop": {k: v / 1e9 for k, v in flops.items()},
                                           "gflop_last": {k: v / 1e9 for k, v in flops_last.items()}, "matmul_gflops": rates,
-                                          "results": rows, "agreement": agreement, "loadavg": [load0, _load()]})
+                                          "results": rows, "agreement": agreement, "loadavg": [load0, loadavg()]})
         print(f"{H} x {W}: {rec['gflop']['whole']:.0f} GFLOP counted ({rec['gflop_last']['whole']:.0f} with masks='last'); "
               f"load {load0} -> {rec['loadavg'][1]}")
         print(f"  {'':12s}" + "".join(f"{s:>28s}" for s in (*STAGES, "whole")))
@@ -222,7 +218,7 @@ def test_full_plus_crops_latency():
                                 sample["crop_boxes"].tolist(), padded[0] // 4, padded[1] // 4, g)
         for masks in ("random", "agreeing"):
             swap["logits"] = blob_maps.transpose(0, 1)[None] if masks == "agreeing" else None  # 1 x Q x V x h x w
-            load0 = _load()
+            load0 = loadavg()
             seg.segment(image)  # warm-up
             totals, nets, singles = [], [], []
             for _ in range(REPS):
@@ -241,7 +237,7 @@ def test_full_plus_crops_latency():
                                                 "total_s": total, "network_s": network, "one_view_network_s": single,
                                                 "vs_one_view": total / single, "network_vs_one_view": network / single,
                                                 "non_network_share": 1 - network / total,
-                                                "entities": len(ent.scores), "loadavg": [load0, _load()]})
+                                                "entities": len(ent.scores), "loadavg": [load0, loadavg()]})
             print(f"\n{H} x {W}, {masks} masks: full + 4 crops {total:.2f} s (network {network:.2f} s = "
                   f"{rec['network_vs_one_view']:.2f}x one view), one view {single:.2f} s: {rec['vs_one_view']:.2f}x one "
                   f"view, non-network {100 * rec['non_network_share']:.1f}% ({rec['entities']} entities); load {rec['loadavg']}")
@@ -302,7 +298,7 @@ def test_training_iteration_idle_and_busy(tmp_path):
     variants = {"torch default": ("plain", system), "allocator tuned": ("plain", {}), "ours (train.py)": ("cli", {}),
                 "OMP_WAIT_POLICY=PASSIVE": ("plain", {"OMP_WAIT_POLICY": "PASSIVE"} | system),
                 "1 thread": ("plain", {"OMP_NUM_THREADS": "1"} | system)}
-    load0 = _load()
+    load0 = loadavg()
     results = {}
     for busy in (False, True):
         for name, (policy, env) in variants.items():
@@ -312,7 +308,7 @@ def test_training_iteration_idle_and_busy(tmp_path):
                    "busy_share_of_idle_speed": r["idle"]["median_s"] / r["busy"]["median_s"],
                    "busy_share_of_best_idle": base / r["busy"]["median_s"], "threads": r["idle"]["threads"]}
             for name, r in results.items()}
-    rec = record("train_iteration_idle_busy", {"iters": iters, "results": rows, "loadavg": [load0, _load()]})
+    rec = record("train_iteration_idle_busy", {"iters": iters, "results": rows, "loadavg": [load0, loadavg()]})
     print(f"\ntraining iteration, median of {iters - 3} (load {rec['loadavg']}):")
     for name, row in rows.items():
         print(f"  {name:26s} idle {1000 * row['idle_s']:6.0f} ms  busy {1000 * row['busy_s']:6.0f} ms  "
@@ -354,7 +350,7 @@ def test_runtime_settings_inference_idle():
     waiting only where other processes use the CPU at start). Page faults per forward come with the times."""
     variants = {"torch default": "plain", "allocator tuned": "allocator", "ours (infer.py)": "cli"}
     for H, W in SIZES:
-        load0 = _load()
+        load0 = loadavg()
         runs = {name: [] for name in variants}
         for _ in range(REPS):
             for name, policy in variants.items():
@@ -366,7 +362,7 @@ def test_runtime_settings_inference_idle():
         base = med["torch default"]["s"]
         rec = record("cpu_runtime_inference", {"size": [H, W], "results": med,
                                                "speedup": {name: base / m["s"] for name, m in med.items()},
-                                               "loadavg": [load0, _load()]})
+                                               "loadavg": [load0, loadavg()]})
         print(f"\nSwin-T one view {H} x {W} (load {rec['loadavg']}):")
         for name, m in med.items():
             print(f"  {name:16s} {m['s']:.3f} s  {rec['speedup'][name]:.2f}x  {m['page_faults']:.0f} page faults per forward")

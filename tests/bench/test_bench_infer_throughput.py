@@ -65,7 +65,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bench.common import record
+from tests.bench.common import loadavg, record
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.bench
@@ -128,10 +128,6 @@ print(json.dumps({"code": code, "images_s": end - t["ready"], "cpu_s": cpu_s() -
                   "forward": t["forward"], "segment": t["segment"], "threads": torch.get_num_threads()}))
 sys.exit(code)
 """
-
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def synthetic_photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -215,7 +211,7 @@ def test_infer_throughput(tmp_path):
         # Untimed, on one photo: the kernels' self-test verdicts go to the cache (CROPFORMER_CACHE_DIR, a
         # temporary folder under pytest), as after a user's first run; files and checkpoint are in page cache.
         run_infer(ckpt, inputs / "frame_00000.jpg", tmp_path / f"{model}-warm-up", overrides, VARIANTS["serial (--workers 0)"])
-        load0 = _load()
+        load0 = loadavg()
         runs = {name: [] for name in VARIANTS}
         reference = None
         score_diff = {name: 0.0 for name in VARIANTS}  # largest |score - serial score|
@@ -267,7 +263,7 @@ def test_infer_throughput(tmp_path):
         rec = record("infer_throughput", {"model": model, "config": config, "overrides": overrides, "images": n,
                                           "sizes": sorted({f"{h}x{w}" for h, w in sizes}), "reps": reps,
                                           "cpus": os.cpu_count(), "entities_per_image": statistics.mean(entities),
-                                          "results": rows, "loadavg": [load0, _load()]})
+                                          "results": rows, "loadavg": [load0, loadavg()]})
         print(f"\n{model} ({config}{' ' + ' '.join(overrides) if overrides else ''}, random weights): {n} photos "
               f"{' + '.join(rec['sizes'])}, {rec['entities_per_image']:.1f} entities per image, {reps} rep(s), "
               f"torch threads {rows['serial (--workers 0)']['threads']}; load {rec['loadavg'][0]} -> {rec['loadavg'][1]}")
