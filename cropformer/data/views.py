@@ -334,6 +334,7 @@ def build_sample(
         image, reduction = decoded, 1
         if image.shape[:2] != (plan.height, plan.width):
             raise ValueError(f"plan is for {plan.height} x {plan.width}, image is {image.shape[:2]}")
+
     def render(view: View) -> torch.Tensor:
         return torch.from_numpy(render_image(image, view, plan, reduction)).permute(2, 0, 1).contiguous()
 

@@ -134,7 +134,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, H, L * P * 2)
         # torch's softmax, though slow over 12 values on CPU (19 ms a layer at 800 x 1088; four whole-tensor
         # ops take 4 ms): their last-bit differences flipped masked-attention decisions downstream and
-        # moved the logits 7e-5 from HuggingFace's instead of 1e-6 (docs/NOTES.md, 2026-12-03)
+        # moved the logits 7e-5 from HuggingFace's instead of 1e-6 (docs/NOTES.md, sixth session)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
         # offsets are in pixels of each level: divide by (w, h) to get [0, 1] units, and add the reference
         # point. One addcdiv over rows of L x P x 2 values (the reference point and the level's size
