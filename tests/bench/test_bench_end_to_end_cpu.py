@@ -167,8 +167,11 @@ def test_end_to_end_vs_huggingface(same_weights):
             print(f"  {name:12s}" + "".join(f"{row[s]['s']:8.3f} s {row[s]['vs_hf']:5.2f}x {100 * row[s]['roofline']:4.0f}%   "
                                             for s in (*STAGES, "whole")))
         print(f"  agreement (max |diff| / max |HF|): {json.dumps(agreement)}")
+        # The issue's bound is 1e-4; this run measures ~1e-6. A change of last bits before the decoders
+        # (a softmax computed another way: 7e-5 at 800 x 1088) flips masked-attention decisions and shows
+        # as 1e-5 or more long before it reaches 1e-4.
         for name in ("ours", "ours_last"):
-            assert agreement[name + "_vs_hf"]["class"] < 1e-4 and agreement[name + "_vs_hf"]["mask"] < 1e-4
+            assert agreement[name + "_vs_hf"]["class"] < 2e-5 and agreement[name + "_vs_hf"]["mask"] < 2e-5, agreement
 
 
 def test_full_plus_crops_latency():
