@@ -23,7 +23,6 @@ full view's box is (0, 0, W, H). With flip, the footprint in the unflipped file 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -253,8 +252,9 @@ PARALLEL_RENDER_PIXELS = 4_000_000
 
 @lru_cache(maxsize=1)
 def _render_pool() -> ThreadPoolExecutor:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ThreadPoolExecutor(max_workers=max(1, min(cpus, 5)), thread_name_prefix="cropformer-views")
+    # as many threads as torch uses (it already honours the CPU affinity and OMP_NUM_THREADS), at most 5
+    threads = max(1, min(torch.get_num_threads(), 5))
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cropformer-views")
 
 
 class MaskSource(Protocol):
