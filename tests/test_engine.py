@@ -1,6 +1,8 @@
 """Training loop: exact resume, crash-safe checkpoints, NaN stop, 2-process DDP, optimiser/schedule rules."""
 from __future__ import annotations
 
+import copy
+
 import io
 import json
 import os
@@ -170,6 +172,38 @@ def test_param_groups_follow_the_original_rules():
     assert by_param[id(names["pixel_decoder.adapter_1.norm.weight"])]["weight_decay"] == 0
     assert isinstance(build_optimizer(model, cfg.solver), torch.optim.AdamW)
 
+
+
+def test_optimizer_is_fused_adamw_with_adamws_update():
+    """build_optimizer's fused AdamW takes the steps of torch's reference loop (foreach=False) on the same
+    groups, and resumes from a state saved by that loop (checkpoints from before the fused optimizer)."""
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    reference = copy.deepcopy(model)
+    opt = build_optimizer(model, cfg.solver)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref_opt = torch.optim.AdamW(param_groups(reference, cfg.solver), lr=cfg.solver.base_lr,
+                                weight_decay=cfg.solver.weight_decay, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    continued = copy.deepcopy(reference)
+    resumed = build_optimizer(continued, cfg.solver)
+    resumed.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # as read from a file: no shared tensors
+    for p, q in zip(reference.parameters(), continued.parameters()):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    ref_opt.step()
+    resumed.step()
+    for (name, p), q in zip(reference.named_parameters(), continued.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)
 
 def test_lr_schedules():
     cfg = load_config("cropformer_swin_tiny_3x").solver

@@ -23,10 +23,6 @@
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_checks.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MSDA_X86_CLONES 1
-#endif
-
 namespace cropformer {
 namespace msda {
 
@@ -264,7 +260,7 @@ void backward_part_baseline(const Problem& pr, const scalar_t* grad_out, const s
                                           q_begin, q_end);
 }
 
-#ifdef MSDA_X86_CLONES
+#ifdef CF_X86_AVX2_CLONES
 template <typename scalar_t, typename acc_t, int kD>
 __attribute__((target("avx2,fma"))) void forward_rows_avx2(const Problem& pr, const scalar_t* value,
                                                            const scalar_t* loc, const scalar_t* attn, scalar_t* out,
@@ -282,10 +278,6 @@ __attribute__((target("avx2,fma"))) void backward_part_avx2(const Problem& pr, c
                                           q_begin, q_end);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <typename scalar_t, typename acc_t, int kD>
@@ -298,8 +290,8 @@ void forward_cpu_typed(const Problem& pr, const at::Tensor& value, const at::Ten
   const int64_t rows = pr.B * pr.Q * pr.H;
   // ~L*P*4*D multiply-adds per row: a grain of 16 rows is well above OpenMP's per-chunk overhead.
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-#ifdef MSDA_X86_CLONES
-    if (cpu_has_avx2()) {
+#ifdef CF_X86_AVX2_CLONES
+    if (cpu_has_avx2_fma()) {
       forward_rows_avx2<scalar_t, acc_t, kD>(pr, v, lp, ap, op, begin, end);
       return;
     }
@@ -347,8 +339,8 @@ void backward_cpu_typed(const Problem& pr, const at::Tensor& grad_out, const at:
       const int64_t q_end = pr.Q * (c + 1) / chunks;
       acc_t* gv = direct ? gv_direct + (b * pr.S * pr.H + h) * pr.D : gv_buffer + task * pr.S * pr.D;
       const int64_t gv_stride = direct ? pr.H * pr.D : pr.D;
-#ifdef MSDA_X86_CLONES
-      if (cpu_has_avx2()) {
+#ifdef CF_X86_AVX2_CLONES
+      if (cpu_has_avx2_fma()) {
         backward_part_avx2<scalar_t, acc_t, kD>(pr, go, v, lp, ap, gv, gv_stride, glp, gap, b, h, q_begin, q_end);
         continue;
       }
