@@ -38,6 +38,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, from_dict, to_dict
+from .cpu_share import ThreadShare
 from .losses import build_criterion
 from .modeling.build import build_model
 from .progress import Progress
@@ -222,6 +223,8 @@ def train(
     history = _read_history(metrics_path, start_iter) if rank == 0 else {}
     progress = Progress(cfg.solver.max_iter, "train", start=start_iter, enabled=rank == 0)
     end_iter = cfg.solver.max_iter if stop_after is None else min(stop_after, cfg.solver.max_iter)
+    # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
+    share = ThreadShare() if dev.type == "cpu" and world == 1 else None
     t_data = time.perf_counter()
     result = {}
     for it, batch in zip(range(start_iter, end_iter), loader):
@@ -242,8 +245,9 @@ def train(
                       "time": time.perf_counter() - t_data}
             if dev.type == "cuda":
                 record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            else:  # process peak RSS (Linux reports KiB)
+            else:  # process peak RSS (Linux reports KiB), torch's threads in this iteration
                 record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                record["threads"] = torch.get_num_threads()
             with _naming(metrics_path), open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             for key in CURVE_KEYS:
@@ -262,6 +266,8 @@ def train(
         if evaluate_fn is not None and cfg.test.eval_period and iteration % cfg.test.eval_period == 0 and iteration != cfg.solver.max_iter:
             evaluate_fn(model, iteration)
             model.train()
+        if share is not None:
+            share.update()
         t_data = time.perf_counter()
     progress.close()
     finished = (result and end_iter == cfg.solver.max_iter) or start_iter >= cfg.solver.max_iter

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from ..cpu_share import allowed_cpus, cpu_times
+
 COMMANDS = {
     "train": "train CropFormer or the Mask2Former baseline (torchrun for several GPUs)",
     "eval": "AP^e of a checkpoint (or of a predictions file) on a COCO-style set",
@@ -93,27 +95,13 @@ def busy_cpu(load: float, cpus: int) -> bool:
     return load >= 0.5 * cpus
 
 
-def _cpu_times(cpus: set[int], stat_path: str = "/proc/stat") -> tuple[int, int]:
-    """(busy, total) clock ticks since boot, summed over `cpus`; busy counts steal (the host's use)."""
-    busy = total = 0
-    with open(stat_path) as f:
-        for line in f:
-            name, *fields = line.split()
-            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
-                continue
-            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-            total += sum(ticks)
-            busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy, total
-
-
 def others_cpu_use(cpus: set[int], window_s: float = 0.2, stat_path: str = "/proc/stat") -> float | None:
     """Cores' worth of CPU time used by others on `cpus` right now: /proc/stat sampled over `window_s`
     while this process sleeps. None where there is no /proc/stat (macOS, Windows)."""
     try:
-        busy0, total0 = _cpu_times(cpus, stat_path)
+        busy0, total0 = cpu_times(cpus, stat_path)
         time.sleep(window_s)
-        busy1, total1 = _cpu_times(cpus, stat_path)
+        busy1, total1 = cpu_times(cpus, stat_path)
     except (OSError, ValueError):
         return None
     if total1 <= total0:
@@ -141,10 +129,7 @@ def configure_cpu_runtime() -> None:
     tune_cpu_allocator()
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # macOS, Windows
-        cpus = set(range(os.cpu_count() or 1))
+    cpus = allowed_cpus()
     load, what = others_cpu_use(cpus), "other processes use"
     if load is None:
         try:
