@@ -436,10 +436,16 @@ def test_overrides_apply_to_the_checkpoints_config(trained, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path):
+def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path, monkeypatch):
     """--workers/--batch-size overlap decode, network and writes: the files, failures.json and the exit
-    status are those of the one-at-a-time loop (--workers 0), bad files included."""
+    status are those of the one-at-a-time loop (--workers 0), bad files included. On CPU the thread count
+    is re-checked after every network call (`ThreadShare`, tests/test_cpu_share.py)."""
+    from cropformer import cpu_share
     from cropformer.cli import infer as infer_cli
+
+    checks = []
+    update = cpu_share.ThreadShare.update
+    monkeypatch.setattr(cpu_share.ThreadShare, "update", lambda self: checks.append(1) or update(self))
 
     root, weights = trained
     inputs = tmp_path / "in"
@@ -457,6 +463,8 @@ def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path):
         rc = infer_cli.main(["--ckpt", str(weights), "--input", str(inputs), "--out", str(out), *extra])
         files = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
         runs[name] = (rc, files)
+        if name == "serial":
+            assert len(checks) == len(good), checks  # one per image segmented
     assert runs["serial"][0] == runs["pipelined"][0] == runs["batched"][0] == 1
     assert runs["serial"][1] == runs["pipelined"][1]  # byte for byte
     serial, batched = runs["serial"][1], runs["batched"][1]

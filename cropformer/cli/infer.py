@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     from ..config import load_config
     from ..data.decode import decode_image, read_image_info
     from ..inference import Segmenter
+    from ..cpu_share import ThreadShare
     from ..progress import Progress
 
     log = logging.getLogger("cropformer.infer")
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
                                     score_threshold=args.score_threshold, precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
+    # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
+    share = ThreadShare() if seg.device.type == "cpu" else None
     counts = {"done": 0, "skipped": 0}
     failures = []
 
@@ -298,6 +301,8 @@ def main(argv=None) -> int:
                     failed(batch[0][0], "segment", exc, batch[0][1])
                     results = []
                 batch = []
+                if share is not None:
+                    share.update()
                 for (path, outputs, key, decoded), ent in results:
                     writing.append(((path, outputs), writers.submit(write_outputs, outputs, key, ent, decoded.image,
                                                                    args.overlay_max_side)))
