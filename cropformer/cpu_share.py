@@ -1,10 +1,10 @@
 """Sharing the CPU with other processes: how much of it they use, and torch's thread count to match.
 
 torch starts one thread per core and keeps that count. When another process keeps a core busy, the thread
-on that core waits for it at every barrier of every op: beside one busy process on 2 cores a training
-iteration ran at 29-34% of its idle speed with 2 threads, 52-70% with passive waiting (`cropformer.cli.
-configure_cpu_runtime` chooses that at start), and at 1 thread it kept 67% of the 2-thread idle speed
-(docs/BENCHMARKS.md). `ThreadShare` gives torch the cores the others leave free, measured while training
+on that core waits for it at every barrier of every op: beside one busy process on 2 cores a demo training
+iteration ran at 25-33% of torch's idle speed with torch's settings, 52-62% with passive waiting
+(`cropformer.cli.configure_cpu_runtime` chooses that at start), 67-71% with one thread (docs/BENCHMARKS.md,
+seventh session). `ThreadShare` gives torch the cores the others leave free, measured while training
 runs, so the choice follows other processes that start or stop later, which a setting made once at start
 cannot. No torch import here: the command-line layer reads this module before torch loads.
 """
@@ -51,7 +51,8 @@ class ThreadShare:
 
     Args:
         max_threads: the most threads to use (default: torch's count now).
-        every_s: seconds between measurements; the first one ends at the first `update()` at least\n            `first_s` (1 s: a hundred /proc/stat ticks per core) after construction.
+        every_s: seconds between measurements; the first one ends at the first `update()` at least
+            `first_s` (1 s: a hundred /proc/stat ticks per core) after construction.
         set_threads, own_cpu_s, clock, stat_path: injectable for tests (torch.set_num_threads,
             time.process_time, time.monotonic, "/proc/stat").
     """
