@@ -43,7 +43,8 @@ def allowed_cpus() -> set[int]:
 class ThreadShare:
     """Keeps torch's CPU thread count at the number of cores other processes leave free.
 
-    Call `update()` once per step (cheap: it reads /proc/stat at most every `every_s` seconds). Others'
+    Call `update()` once per step (cheap: it reads /proc/stat at most every `every_s` seconds) and
+    `restore()` at the end. Others'
     use over the last interval is the cores' busy time minus this process's own CPU time (all its
     threads); torch gets round(cores - others) threads, between 1 and the count it started with. Nothing
     happens where /proc/stat is missing (macOS, Windows) or when the user fixed the count
@@ -109,3 +110,9 @@ class ThreadShare:
                         want, self.threads)
             self.threads = want
         return self.threads
+
+    def restore(self) -> None:
+        """Give torch back the thread count it started with (a library caller's process goes on after)."""
+        if self.threads != self.max_threads:
+            self._set_threads(self.max_threads)
+            self.threads = self.max_threads

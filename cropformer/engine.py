@@ -227,48 +227,52 @@ def train(
     share = ThreadShare() if dev.type == "cpu" and world == 1 else None
     t_data = time.perf_counter()
     result = {}
-    for it, batch in zip(range(start_iter, end_iter), loader):
-        batch = move_batch(batch, dev)
-        data_time = time.perf_counter() - t_data
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            result = train_one_iter(net, criterion, optimizer, scheduler, scaler, batch, cfg, amp_dtype)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {it + 1}: term(s) {exc}; last good checkpoint: {last_ckpt or 'none'}"
-            ) from None
-        iteration = it + 1
-        if rank == 0:
-            record = {"iteration": iteration, "total_loss": result["total_loss"], **result["losses"],
-                      "lr": result["lr"], "grad_norm": result["grad_norm"], "data_time": data_time,
-                      "time": time.perf_counter() - t_data}
+    try:
+        for it, batch in zip(range(start_iter, end_iter), loader):
+            batch = move_batch(batch, dev)
+            data_time = time.perf_counter() - t_data
             if dev.type == "cuda":
-                record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            else:  # process peak RSS (Linux reports KiB), torch's threads in this iteration
-                record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                record["threads"] = torch.get_num_threads()
-            with _naming(metrics_path), open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key in CURVE_KEYS:
-                if key in record:
-                    history.setdefault(key, []).append((iteration, record[key]))
-            progress.update(1, loss=result["total_loss"], lr=result["lr"])
-            if iteration % cfg.log_period == 0 or iteration == end_iter:
-                with _naming(out_dir / "loss_curve.png"):
-                    plot_curves(history, out_dir / "loss_curve.png")
-        if iteration % cfg.solver.checkpoint_period == 0 or iteration == end_iter:
-            payload = _checkpoint_payload(model, optimizer, scheduler, scaler, iteration, cfg)
+                torch.cuda.reset_peak_memory_stats(dev)
+            try:
+                result = train_one_iter(net, criterion, optimizer, scheduler, scaler, batch, cfg, amp_dtype)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {it + 1}: term(s) {exc}; last good checkpoint: {last_ckpt or 'none'}"
+                ) from None
+            iteration = it + 1
             if rank == 0:
-                save_training_checkpoint(out_dir / "last_checkpoint.pth", payload)
-                last_ckpt = str(out_dir / "last_checkpoint.pth")
-            dist_utils.barrier()
-        if evaluate_fn is not None and cfg.test.eval_period and iteration % cfg.test.eval_period == 0 and iteration != cfg.solver.max_iter:
-            evaluate_fn(model, iteration)
-            model.train()
+                record = {"iteration": iteration, "total_loss": result["total_loss"], **result["losses"],
+                          "lr": result["lr"], "grad_norm": result["grad_norm"], "data_time": data_time,
+                          "time": time.perf_counter() - t_data}
+                if dev.type == "cuda":
+                    record["max_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+                else:  # process peak RSS (Linux reports KiB), torch's threads in this iteration
+                    record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    record["threads"] = torch.get_num_threads()
+                with _naming(metrics_path), open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for key in CURVE_KEYS:
+                    if key in record:
+                        history.setdefault(key, []).append((iteration, record[key]))
+                progress.update(1, loss=result["total_loss"], lr=result["lr"])
+                if iteration % cfg.log_period == 0 or iteration == end_iter:
+                    with _naming(out_dir / "loss_curve.png"):
+                        plot_curves(history, out_dir / "loss_curve.png")
+            if iteration % cfg.solver.checkpoint_period == 0 or iteration == end_iter:
+                payload = _checkpoint_payload(model, optimizer, scheduler, scaler, iteration, cfg)
+                if rank == 0:
+                    save_training_checkpoint(out_dir / "last_checkpoint.pth", payload)
+                    last_ckpt = str(out_dir / "last_checkpoint.pth")
+                dist_utils.barrier()
+            if evaluate_fn is not None and cfg.test.eval_period and iteration % cfg.test.eval_period == 0 and iteration != cfg.solver.max_iter:
+                evaluate_fn(model, iteration)
+                model.train()
+            if share is not None:
+                share.update()
+            t_data = time.perf_counter()
+    finally:  # also when a step raises: a library caller's process goes on
         if share is not None:
-            share.update()
-        t_data = time.perf_counter()
+            share.restore()
     progress.close()
     finished = (result and end_iter == cfg.solver.max_iter) or start_iter >= cfg.solver.max_iter
     summary = {"iterations": end_iter, "output_dir": str(out_dir), "last_checkpoint": last_ckpt, **({"final": result} if result else {})}

@@ -330,6 +330,7 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
     import torch
 
     from . import distributed as dist_utils
+    from .cpu_share import ThreadShare
     from .data.decode import ImageDecodeError, decode_image
     from .inference import entity_records
     from .progress import Progress
@@ -348,7 +349,11 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
     preds, times, failed = [], [], []
     bar = Progress(len(mine), "eval", enabled=progress and rank == 0)
     device = segmenter.device
+    # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
+    share = ThreadShare() if device.type == "cpu" and world == 1 else None
     for info in mine:
+        if share is not None:
+            share.update()
         path = Path(images_dir) / info["file_name"]
         stage = "decode"
         try:
@@ -373,6 +378,8 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
             preds.append({"image_id": info["id"], "category_id": 1, "segmentation": rec["segmentation"],
                           "score": rec["predicted_iou"], "bbox": rec["bbox"], "area": rec["area"]})
         bar.update(1, s_per_img=times[-1])
+    if share is not None:
+        share.restore()
     bar.close()
     all_preds = [p for part in dist_utils.all_gather_objects(preds) for p in part]
     all_times = [t for part in dist_utils.all_gather_objects(times) for t in part]

@@ -531,7 +531,13 @@ def eval_set(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["truncated", "missing", "size_not_as_annotated", "sliver_and_1x1"])
-def test_eval_with_model_image_failures(case, eval_set, ckpt, tmp_path, capsys):
+def test_eval_with_model_image_failures(case, eval_set, ckpt, tmp_path, capsys, monkeypatch):
+    from cropformer import cpu_share
+
+    calls = []  # on CPU the thread count is re-checked per image and given back at the end (test_cpu_share.py)
+    for name in ("update", "restore"):
+        real = getattr(cpu_share.ThreadShare, name)
+        monkeypatch.setattr(cpu_share.ThreadShare, name, lambda self, _n=name, _f=real: calls.append(_n) or _f(self))
     gt, images = eval_set
     if case == "truncated":
         data = (images / "1.png").read_bytes()
@@ -553,6 +559,7 @@ def test_eval_with_model_image_failures(case, eval_set, ckpt, tmp_path, capsys):
     assert "AP^e" in out and tree_hashes(images) == before
     if case == "sliver_and_1x1":
         assert code == 0 and metrics["failed"] == [] and metrics["images"] == 4, out
+        assert calls == ["update"] * 4 + ["restore"], calls
         return
     assert code == 1 and str(images / "1.png") in out
     (failure,) = metrics["failed"]

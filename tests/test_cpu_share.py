@@ -67,6 +67,12 @@ def test_threads_follow_the_free_cores(machine):
     assert share.update() == n and machine.threads == [n - 1, n]
     machine.run(11.0, ours=n, others=0.3)  # a little background work keeps every thread
     assert share.update() == n and machine.threads == [n - 1, n]
+    machine.run(11.0, ours=n - 1.0, others=1.0)
+    assert share.update() == n - 1
+    share.restore()  # the end of the loop: torch's own count again
+    assert share.threads == n and machine.threads == [n - 1, n, n - 1, n]
+    share.restore()
+    assert machine.threads == [n - 1, n, n - 1, n]  # nothing to give back twice
 
 
 def test_never_below_one_nor_above_the_start(machine):
@@ -94,7 +100,8 @@ def test_no_proc_stat_means_no_change(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or len(allowed_cpus()) < 2, reason="Linux, 2 cores")
 def test_training_gives_a_busy_core_back(tmp_path):
     """A real busy process beside `train` on CPU: the iterations after the first measurement run with one
-    thread fewer (metrics.jsonl records the count); the first ones with torch's."""
+    thread fewer (metrics.jsonl records the count); the first ones with torch's, and so does the process
+    after `train` returns."""
     from tests.conftest import tiny_train_overrides
 
     script = f"""
@@ -107,12 +114,15 @@ root = Path({str(tmp_path)!r})
 make_synthetic_dataset(root / "train", 4, (96, 128), seed=0)
 cfg = load_config("tiny", {tiny_train_overrides(tmp_path, tmp_path / "out", "solver.max_iter=12", "solver.checkpoint_period=100")!r})
 train(cfg, device="cpu")
+import torch
+print(torch.get_num_threads())
 """
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=600)
+        run = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True,
+                             timeout=600)
     finally:
         hog.kill()
         hog.wait()
@@ -120,3 +130,4 @@ train(cfg, device="cpu")
     threads = [r["threads"] for r in records]
     cores = len(allowed_cpus())
     assert threads[0] == cores and threads[-1] == cores - 1, threads
+    assert int(run.stdout.split()[-1]) == cores  # given back when training returns

@@ -310,6 +310,8 @@ def main(argv=None) -> int:
                 finish_write(*writing.popleft())
         while writing:
             finish_write(*writing.popleft())
+    if share is not None:
+        share.restore()
     done, skipped = counts["done"], counts["skipped"]
     bar.close()
     report = {"total": len(paths), "segmented": done, "skipped": skipped, "failed": failures}
