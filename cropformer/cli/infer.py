@@ -190,9 +190,9 @@ def main(argv=None) -> int:
 
     from ..checkpoint import atomic_write
     from ..config import load_config
+    from ..cpu_share import ThreadShare
     from ..data.decode import decode_image, read_image_info
     from ..inference import Segmenter
-    from ..cpu_share import ThreadShare
     from ..progress import Progress
 
     log = logging.getLogger("cropformer.infer")
