@@ -51,6 +51,7 @@ class ThreadShare:
     (OMP_NUM_THREADS / MKL_NUM_THREADS set); `enabled` says whether it adapts.
 
     Args:
+        active: False makes every call a no-op (GPU runs, several ranks), so callers need no branches.
         max_threads: the most threads to use (default: torch's count now).
         every_s: seconds between measurements; the first one ends at the first `update()` at least
             `first_s` (1 s: a hundred /proc/stat ticks per core) after construction.
@@ -59,8 +60,12 @@ class ThreadShare:
     """
 
     def __init__(self, max_threads: int | None = None, every_s: float = 10.0, first_s: float = 1.0, *,
-                 set_threads: Callable[[int], None] | None = None, own_cpu_s: Callable[[], float] = time.process_time,
-                 clock: Callable[[], float] = time.monotonic, stat_path: str = "/proc/stat"):
+                 active: bool = True, set_threads: Callable[[int], None] | None = None,
+                 own_cpu_s: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic,
+                 stat_path: str = "/proc/stat"):
+        if not active:
+            self.enabled, self.threads = False, None
+            return
         if set_threads is None or max_threads is None:
             import torch
 
@@ -113,6 +118,6 @@ class ThreadShare:
 
     def restore(self) -> None:
         """Give torch back the thread count it started with (a library caller's process goes on after)."""
-        if self.threads != self.max_threads:
+        if self.enabled and self.threads != self.max_threads:
             self._set_threads(self.max_threads)
             self.threads = self.max_threads

@@ -224,7 +224,7 @@ def train(
     progress = Progress(cfg.solver.max_iter, "train", start=start_iter, enabled=rank == 0)
     end_iter = cfg.solver.max_iter if stop_after is None else min(stop_after, cfg.solver.max_iter)
     # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare() if dev.type == "cpu" and world == 1 else None
+    share = ThreadShare(active=dev.type == "cpu" and world == 1)
     t_data = time.perf_counter()
     result = {}
     try:
@@ -267,12 +267,10 @@ def train(
             if evaluate_fn is not None and cfg.test.eval_period and iteration % cfg.test.eval_period == 0 and iteration != cfg.solver.max_iter:
                 evaluate_fn(model, iteration)
                 model.train()
-            if share is not None:
-                share.update()
+            share.update()
             t_data = time.perf_counter()
     finally:  # also when a step raises: a library caller's process goes on
-        if share is not None:
-            share.restore()
+        share.restore()
     progress.close()
     finished = (result and end_iter == cfg.solver.max_iter) or start_iter >= cfg.solver.max_iter
     summary = {"iterations": end_iter, "output_dir": str(out_dir), "last_checkpoint": last_ckpt, **({"final": result} if result else {})}

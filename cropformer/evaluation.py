@@ -350,10 +350,9 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
     bar = Progress(len(mine), "eval", enabled=progress and rank == 0)
     device = segmenter.device
     # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare() if device.type == "cpu" and world == 1 else None
+    share = ThreadShare(active=device.type == "cpu" and world == 1)
     for info in mine:
-        if share is not None:
-            share.update()
+        share.update()
         path = Path(images_dir) / info["file_name"]
         stage = "decode"
         try:
@@ -378,8 +377,7 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
             preds.append({"image_id": info["id"], "category_id": 1, "segmentation": rec["segmentation"],
                           "score": rec["predicted_iou"], "bbox": rec["bbox"], "area": rec["area"]})
         bar.update(1, s_per_img=times[-1])
-    if share is not None:
-        share.restore()
+    share.restore()
     bar.close()
     all_preds = [p for part in dist_utils.all_gather_objects(preds) for p in part]
     all_times = [t for part in dist_utils.all_gather_objects(times) for t in part]

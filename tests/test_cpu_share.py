@@ -95,6 +95,10 @@ def test_no_proc_stat_means_no_change(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     share = ThreadShare(2, set_threads=lambda n: pytest.fail("changed"), stat_path=str(tmp_path / "missing"))
     assert not share.enabled and share.update() == 2
+    share = ThreadShare(active=False, set_threads=lambda n: pytest.fail("changed"))  # GPU runs, several ranks
+    share.update()
+    share.restore()
+    assert not share.enabled
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or len(allowed_cpus()) < 2, reason="Linux, 2 cores")

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
     # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare() if seg.device.type == "cpu" else None
+    share = ThreadShare(active=seg.device.type == "cpu")
     counts = {"done": 0, "skipped": 0}
     failures = []
 
@@ -301,8 +301,7 @@ def main(argv=None) -> int:
                     failed(batch[0][0], "segment", exc, batch[0][1])
                     results = []
                 batch = []
-                if share is not None:
-                    share.update()
+                share.update()
                 for (path, outputs, key, decoded), ent in results:
                     writing.append(((path, outputs), writers.submit(write_outputs, outputs, key, ent, decoded.image,
                                                                    args.overlay_max_side)))
@@ -310,8 +309,7 @@ def main(argv=None) -> int:
                 finish_write(*writing.popleft())
         while writing:
             finish_write(*writing.popleft())
-    if share is not None:
-        share.restore()
+    share.restore()
     done, skipped = counts["done"], counts["skipped"]
     bar.close()
     report = {"total": len(paths), "segmented": done, "skipped": skipped, "failed": failures}

@@ -6,8 +6,8 @@
 // only by its own partition, so no atomics. When there are fewer (b, h) partitions than threads can
 // balance, queries are split into chunks that accumulate into private buffers summed at the end.
 //
-// x86-64 builds compile the hot loops twice (baseline and AVX2+FMA) and pick one at run time, so the
-// extension stays portable while using 256-bit vectors where the CPU has them.
+// x86-64 builds compile the hot loops twice (baseline and AVX2+FMA, `run_best_cpu` in common.h) and pick
+// one at run time, so the extension stays portable while using 256-bit vectors where the CPU has them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -244,42 +244,6 @@ MSDA_ALWAYS_INLINE void backward_part_impl(const Problem& pr, const scalar_t* gr
   }
 }
 
-// Baseline and AVX2+FMA instances of the hot loops (the impls are inlined into each, so each is
-// vectorised for its own instruction set).
-template <typename scalar_t, typename acc_t, int kD>
-void forward_rows_baseline(const Problem& pr, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
-                           scalar_t* out, int64_t begin, int64_t end) {
-  forward_rows_impl<scalar_t, acc_t, kD>(pr, value, loc, attn, out, begin, end);
-}
-
-template <typename scalar_t, typename acc_t, int kD>
-void backward_part_baseline(const Problem& pr, const scalar_t* grad_out, const scalar_t* value, const scalar_t* loc,
-                            const scalar_t* attn, acc_t* gv, int64_t gv_stride, scalar_t* grad_loc,
-                            scalar_t* grad_attn, int64_t b, int64_t h, int64_t q_begin, int64_t q_end) {
-  backward_part_impl<scalar_t, acc_t, kD>(pr, grad_out, value, loc, attn, gv, gv_stride, grad_loc, grad_attn, b, h,
-                                          q_begin, q_end);
-}
-
-#ifdef CF_X86_AVX2_CLONES
-template <typename scalar_t, typename acc_t, int kD>
-__attribute__((target("avx2,fma"))) void forward_rows_avx2(const Problem& pr, const scalar_t* value,
-                                                           const scalar_t* loc, const scalar_t* attn, scalar_t* out,
-                                                           int64_t begin, int64_t end) {
-  forward_rows_impl<scalar_t, acc_t, kD>(pr, value, loc, attn, out, begin, end);
-}
-
-template <typename scalar_t, typename acc_t, int kD>
-__attribute__((target("avx2,fma"))) void backward_part_avx2(const Problem& pr, const scalar_t* grad_out,
-                                                            const scalar_t* value, const scalar_t* loc,
-                                                            const scalar_t* attn, acc_t* gv, int64_t gv_stride,
-                                                            scalar_t* grad_loc, scalar_t* grad_attn, int64_t b,
-                                                            int64_t h, int64_t q_begin, int64_t q_end) {
-  backward_part_impl<scalar_t, acc_t, kD>(pr, grad_out, value, loc, attn, gv, gv_stride, grad_loc, grad_attn, b, h,
-                                          q_begin, q_end);
-}
-
-#endif
-
 template <typename scalar_t, typename acc_t, int kD>
 void forward_cpu_typed(const Problem& pr, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& attn,
                        at::Tensor& out) {
@@ -290,13 +254,8 @@ void forward_cpu_typed(const Problem& pr, const at::Tensor& value, const at::Ten
   const int64_t rows = pr.B * pr.Q * pr.H;
   // ~L*P*4*D multiply-adds per row: a grain of 16 rows is well above OpenMP's per-chunk overhead.
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-#ifdef CF_X86_AVX2_CLONES
-    if (cpu_has_avx2_fma()) {
-      forward_rows_avx2<scalar_t, acc_t, kD>(pr, v, lp, ap, op, begin, end);
-      return;
-    }
-#endif
-    forward_rows_baseline<scalar_t, acc_t, kD>(pr, v, lp, ap, op, begin, end);
+    // AVX2 + FMA code where the CPU has it (common.h); its FMAs change last bits, within the parity tolerance
+    run_best_cpu([&] { forward_rows_impl<scalar_t, acc_t, kD>(pr, v, lp, ap, op, begin, end); });
   });
 }
 
@@ -339,13 +298,9 @@ void backward_cpu_typed(const Problem& pr, const at::Tensor& grad_out, const at:
       const int64_t q_end = pr.Q * (c + 1) / chunks;
       acc_t* gv = direct ? gv_direct + (b * pr.S * pr.H + h) * pr.D : gv_buffer + task * pr.S * pr.D;
       const int64_t gv_stride = direct ? pr.H * pr.D : pr.D;
-#ifdef CF_X86_AVX2_CLONES
-      if (cpu_has_avx2_fma()) {
-        backward_part_avx2<scalar_t, acc_t, kD>(pr, go, v, lp, ap, gv, gv_stride, glp, gap, b, h, q_begin, q_end);
-        continue;
-      }
-#endif
-      backward_part_baseline<scalar_t, acc_t, kD>(pr, go, v, lp, ap, gv, gv_stride, glp, gap, b, h, q_begin, q_end);
+      run_best_cpu([&] {
+        backward_part_impl<scalar_t, acc_t, kD>(pr, go, v, lp, ap, gv, gv_stride, glp, gap, b, h, q_begin, q_end);
+      });
     }
   });
 
