@@ -112,7 +112,8 @@ def test_end_to_end_vs_huggingface(same_weights):
     fast, why = bf16_support("cpu")
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16) if fast else None
     # This VM's matmul rate moves by up to 2x (a 1024^3 fp32 matmul measured 303, 163 and 307 GFLOP/s in three
-    # consecutive runs), so one probe at the start can understate the roofline and inflate every share of it. The roofline of a size is the best rate seen in probes before each of its rounds.
+    # consecutive runs), so one probe at the start can understate the roofline and inflate every share of it.
+    # The roofline of a size is the best rate seen in probes before each of its rounds.
     def probe_rates() -> dict[str, float]:
         return {"fp32": matmul_rate(torch.float32, 2048, 3), "bf16": matmul_rate(torch.bfloat16, 2048, 3)}
 
@@ -130,7 +131,8 @@ def test_end_to_end_vs_huggingface(same_weights):
                "ours_last": lambda x, imgs: ours(imgs, masks="last")}
     if ours_bf16 is not None:
         runners["ours_bf16"] = lambda x, imgs: ours_bf16(imgs)
-    print(f"\nthreads {torch.get_num_threads()}, matmul at the start {rates['fp32']:.0f} GFLOP/s fp32, {rates['bf16']:.0f} bf16; "
+    print(f"\nthreads {torch.get_num_threads()}, matmul at the start {rates['fp32']:.0f} GFLOP/s fp32, "
+          f"{rates['bf16']:.0f} bf16; "
           f"bf16 fast mode: {why}")
     for H, W in SIZES:
         load0 = loadavg()
