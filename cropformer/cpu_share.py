@@ -43,10 +43,11 @@ def allowed_cpus() -> set[int]:
 class ThreadShare:
     """Keeps torch's CPU thread count at the number of cores other processes leave free.
 
-    Call `update()` once per step (cheap: it reads /proc/stat at most every `every_s` seconds) and
-    `restore()` at the end. Others'
-    use over the last interval is the cores' busy time minus this process's own CPU time (all its
-    threads); torch gets round(cores - others) threads, between 1 and the count it started with. Nothing
+    Use it as `with ThreadShare(...) as share:` around a loop and call `share.update()` once per step
+    (cheap: it reads /proc/stat at most every `every_s` seconds); leaving the block calls `restore()`, also
+    when the loop raises (a library caller's process goes on). Others' use over the last interval is the
+    cores' busy time minus this process's own CPU time (all its threads); torch gets round(cores - others)
+    threads, between 1 and the count it started with. Nothing
     happens where /proc/stat is missing (macOS, Windows) or when the user fixed the count
     (OMP_NUM_THREADS / MKL_NUM_THREADS set); `enabled` says whether it adapts.
 
@@ -115,6 +116,12 @@ class ThreadShare:
                         want, self.threads)
             self.threads = want
         return self.threads
+
+    def __enter__(self) -> "ThreadShare":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def restore(self) -> None:
         """Give torch back the thread count it started with (a library caller's process goes on after)."""

@@ -224,10 +224,9 @@ def train(
     progress = Progress(cfg.solver.max_iter, "train", start=start_iter, enabled=rank == 0)
     end_iter = cfg.solver.max_iter if stop_after is None else min(stop_after, cfg.solver.max_iter)
     # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare(active=dev.type == "cpu" and world == 1)
     t_data = time.perf_counter()
     result = {}
-    try:
+    with ThreadShare(active=dev.type == "cpu" and world == 1) as share:  # given back also when a step raises
         for it, batch in zip(range(start_iter, end_iter), loader):
             batch = move_batch(batch, dev)
             data_time = time.perf_counter() - t_data
@@ -269,8 +268,6 @@ def train(
                 model.train()
             share.update()
             t_data = time.perf_counter()
-    finally:  # also when a step raises: a library caller's process goes on
-        share.restore()
     progress.close()
     finished = (result and end_iter == cfg.solver.max_iter) or start_iter >= cfg.solver.max_iter
     summary = {"iterations": end_iter, "output_dir": str(out_dir), "last_checkpoint": last_ckpt, **({"final": result} if result else {})}

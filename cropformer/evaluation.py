@@ -350,34 +350,33 @@ def predict_dataset(segmenter, gt_json: str | Path | dict, images_dir: str | Pat
     bar = Progress(len(mine), "eval", enabled=progress and rank == 0)
     device = segmenter.device
     # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare(active=device.type == "cpu" and world == 1)
-    for info in mine:
-        share.update()
-        path = Path(images_dir) / info["file_name"]
-        stage = "decode"
-        try:
-            plan = segmenter.plan(info["height"], info["width"])
-            decoded = decode_image(path, scale=plan.needed_scale(), reduced=reduced_decode,
-                                   expected_size=(info["height"], info["width"]))
-            stage = "segment"
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            ent = segmenter.segment(decoded)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        except Exception as exc:  # one image (unreadable, out of memory, a model error) never stops the run
-            reason = exc.reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
-            log.warning("skipping image %s (%s): %s failed: %s", info["id"], path, stage, reason)
-            failed.append({"path": str(path), "stage": stage, "reason": reason})
-            bar.update(1)
-            continue
-        times.append(time.perf_counter() - t0)
-        for rec in entity_records(ent):
-            preds.append({"image_id": info["id"], "category_id": 1, "segmentation": rec["segmentation"],
-                          "score": rec["predicted_iou"], "bbox": rec["bbox"], "area": rec["area"]})
-        bar.update(1, s_per_img=times[-1])
-    share.restore()
+    with ThreadShare(active=device.type == "cpu" and world == 1) as share:
+        for info in mine:
+            share.update()
+            path = Path(images_dir) / info["file_name"]
+            stage = "decode"
+            try:
+                plan = segmenter.plan(info["height"], info["width"])
+                decoded = decode_image(path, scale=plan.needed_scale(), reduced=reduced_decode,
+                                       expected_size=(info["height"], info["width"]))
+                stage = "segment"
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                ent = segmenter.segment(decoded)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as exc:  # one image (unreadable, out of memory, a model error) never stops the run
+                reason = exc.reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+                log.warning("skipping image %s (%s): %s failed: %s", info["id"], path, stage, reason)
+                failed.append({"path": str(path), "stage": stage, "reason": reason})
+                bar.update(1)
+                continue
+            times.append(time.perf_counter() - t0)
+            for rec in entity_records(ent):
+                preds.append({"image_id": info["id"], "category_id": 1, "segmentation": rec["segmentation"],
+                              "score": rec["predicted_iou"], "bbox": rec["bbox"], "area": rec["area"]})
+            bar.update(1, s_per_img=times[-1])
     bar.close()
     all_preds = [p for part in dist_utils.all_gather_objects(preds) for p in part]
     all_times = [t for part in dist_utils.all_gather_objects(times) for t in part]

@@ -75,6 +75,16 @@ def test_threads_follow_the_free_cores(machine):
     assert machine.threads == [n - 1, n, n - 1, n]  # nothing to give back twice
 
 
+def test_leaving_the_block_gives_the_threads_back_also_on_errors(machine):
+    n = len(machine.cpus)
+    with pytest.raises(RuntimeError, match="step failed"):
+        with machine.share(n, first_s=0.5) as share:
+            machine.run(1.0, ours=n - 1.0, others=1.0)
+            assert share.update() == n - 1
+            raise RuntimeError("step failed")
+    assert machine.threads == [n - 1, n]
+
+
 def test_never_below_one_nor_above_the_start(machine):
     share = machine.share(1, first_s=0.5)
     machine.run(1.0, ours=0.0, others=float(len(machine.cpus)))  # every core taken by others

@@ -210,8 +210,6 @@ def main(argv=None) -> int:
                                     score_threshold=args.score_threshold, precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(paths), "infer")
-    # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
-    share = ThreadShare(active=seg.device.type == "cpu")
     counts = {"done": 0, "skipped": 0}
     failures = []
 
@@ -271,7 +269,9 @@ def main(argv=None) -> int:
     items = [(path, output_paths(out, Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))))
              for path in paths]
     lookahead = args.batch_size + 2 * args.workers  # images decoded or waiting to be written: bounds memory
-    with (ThreadPoolExecutor(args.workers) if args.workers else _Inline()) as decoders, \
+    # On a CPU shared with other processes, torch gets the cores they leave free (cropformer/cpu_share.py).
+    with ThreadShare(active=seg.device.type == "cpu") as share, \
+         (ThreadPoolExecutor(args.workers) if args.workers else _Inline()) as decoders, \
          (ThreadPoolExecutor(args.workers) if args.workers else _Inline()) as writers:
         decoding = deque()
         writing = deque()
@@ -309,7 +309,6 @@ def main(argv=None) -> int:
                 finish_write(*writing.popleft())
         while writing:
             finish_write(*writing.popleft())
-    share.restore()
     done, skipped = counts["done"], counts["skipped"]
     bar.close()
     report = {"total": len(paths), "segmented": done, "skipped": skipped, "failed": failures}
