@@ -446,6 +446,9 @@ def test_infer_pipeline_gives_the_serial_outputs(trained, tmp_path, monkeypatch)
     checks = []
     update = cpu_share.ThreadShare.update
     monkeypatch.setattr(cpu_share.ThreadShare, "update", lambda self: checks.append(1) or update(self))
+    # A thread count that follows the machine's load could differ between the runs compared byte for byte
+    # below (one full-suite run failed here once, its message not kept); a count the user fixes is kept.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
     root, weights = trained
     inputs = tmp_path / "in"
